@@ -1,0 +1,33 @@
+# medpipe: `make demo` and `make test` each bootstrap .venv idempotently, then do their job.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo-output
+
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: on these machines it is a pre-staged CPU wheel; a looser request would pull CUDA builds.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m medpipe.demo_run --out $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(DEMO) .prefect

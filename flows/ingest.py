@@ -1,0 +1,58 @@
+"""Ingest flow: discover -> scan (Dask, per shard) -> plan -> archive (Dask, per shard) -> lay out ->
+assemble training arrays (Dask, per shard) -> finalize; ends with a markdown artifact of the accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.artifacts import create_markdown_artifact
+
+from flows.runtime import dask_task_runner, gather, load_key
+from medpipe.config import IngestConfig
+from medpipe.ingest.pipeline import collect_archive, unit_shards
+from medpipe.report import ingest_markdown
+from tasks import ingest as t
+
+
+@flow(name="ingest", log_prints=False)
+def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, key_secret: str | None = None,
+                show_progress: bool = False) -> dict[str, Any]:
+    """De-identify and ingest SOURCE into the Zarr STORE; returns the store summary."""
+    cfg = IngestConfig.model_validate(config or {})
+    key = load_key(key_secret)
+    run = t.prepare(source, store, cfg, key)
+    if run.up_to_date:
+        return {**run.previous, "noop": True}
+
+    scans = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key)), "scan", show_progress)
+    plan, tags = t.plan_units(run, scans, key)
+
+    shards = unit_shards(run, plan)
+    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), unmapped(tags)),
+                      "archive", show_progress)
+    outcome = collect_archive(plan, archived)
+
+    layout, fingerprint = t.lay_out_training(run, outcome)
+    starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
+    gather(t.assemble_shard.map(store, unmapped(layout), starts, stops, unmapped(cfg.preprocess)), "assemble",
+           show_progress)
+
+    summary = t.finalize(run, outcome, layout, fingerprint)
+    create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),
+                             description="medpipe ingest: accounting, quarantine reasons, fingerprint")
+    return summary
+
+
+def run_ingest(source: str, store: str, config: IngestConfig, key_secret: str | None = None,
+               show_progress: bool = False) -> dict[str, Any]:
+    """Run the flow on the configured Dask cluster (local by default, `config.scheduler` when set)."""
+    runner = dask_task_runner(config.scheduler, config.workers)
+    return ingest_flow.with_options(task_runner=runner)(
+        source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(run_ingest(sys.argv[1], sys.argv[2], IngestConfig(), show_progress=True)["accounting"])

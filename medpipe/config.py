@@ -1,0 +1,102 @@
+"""One pydantic configuration for the whole pipeline (YAML file or CLI flags); `to_dict` is what lineage records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form, recorded in store attributes and checkpoints."""
+        return self.model_dump(mode="json")
+
+
+class PreprocessConfig(_Section):
+    """How archive images become fixed-shape training samples."""
+
+    kind: Literal["2d", "3d"] = "2d"
+    channels: Literal[1, 3] = 1
+    shape: tuple[int, ...] = (64, 64)
+    target_spacing: tuple[float, float, float] | None = Field(
+        default=None, description="3D only: (dz, dy, dx) mm; None = the dataset fingerprint's median spacing"
+    )
+    fit: Literal["resize", "crop_or_pad"] = Field(
+        default="resize", description="2D: how images reach `shape` (3D always crops/pads after resampling)"
+    )
+
+    @model_validator(mode="after")
+    def _shape_matches_kind(self) -> "PreprocessConfig":
+        want = 2 if self.kind == "2d" else 3
+        if len(self.shape) != want or min(self.shape) < 4:
+            raise ValueError(f"shape must have {want} sizes >= 4 for kind={self.kind}, got {self.shape}")
+        return self
+
+
+class StoreConfig(_Section):
+    """Chunking and compression of the training arrays and archive."""
+
+    chunk_bytes: int = Field(default=1 << 20, ge=1 << 12, description="target bytes of one training chunk")
+    chunks_per_shard: int = Field(default=16, ge=1)
+    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    level: int = Field(default=3, ge=0, le=22)
+
+
+class SplitConfig(_Section):
+    """Patient-level train/val/test fractions (stratified by label)."""
+
+    train: float = Field(default=0.7, gt=0, le=1)
+    val: float = Field(default=0.15, ge=0, lt=1)
+    test: float = Field(default=0.15, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions train + val + test must sum to 1")
+        return self
+
+
+class IngestConfig(_Section):
+    """Everything `medpipe ingest` needs besides SOURCE, STORE and the key."""
+
+    preprocess: PreprocessConfig = PreprocessConfig()
+    store: StoreConfig = StoreConfig()
+    split: SplitConfig = SplitConfig()
+    manifest: str | None = Field(default=None, description="labels CSV; default SOURCE/labels.csv when present")
+    classes: list[str] | None = Field(default=None, description="declared class names; default: from the manifest")
+    files_per_shard: int = Field(default=256, ge=1, description="files per parallel work unit")
+    order_seed: int = Field(default=0, description="seed of the sample order in the training arrays")
+    workers: int = Field(default=2, ge=1, description="LocalCluster workers when no scheduler is given")
+    scheduler: str | None = Field(default=None, description="address of an existing Dask scheduler, tcp://host:8786")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("class names must be unique")
+        return value
+
+
+def load_config(path: str | Path | None, model: type[_Section] = IngestConfig, **overrides: Any) -> Any:
+    """Read a YAML config (or defaults), then apply non-None CLI overrides given as dotted keys."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping")
+        data = loaded or {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return model.model_validate(data)

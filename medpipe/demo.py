@@ -1,0 +1,1107 @@
+"""Built-in deterministic demo dataset: a fake hospital export full of fake PHI.
+
+``generate_demo_dataset(out, DemoSpec(...))`` writes a folder that looks like what a
+research team receives from a PACS export plus a few loose files, small enough for
+tests and scalable to tens of thousands of files for benchmarks::
+
+    OUT/
+      labels.csv               path,label,mask,patient_id  (none / lesion)
+      labels_multiclass.csv    same rows, classes none / small / large
+      xray/<PATIENT_DIR>/<study>/<image>.dcm          2D DX, uint16 12-bit, MONOCHROME2
+      png/<PATIENT_DIR>/<study>/<image>.png           2D 8-bit grayscale, no header
+      ct/<PATIENT_DIR>/<study>/<series>/<slice>.dcm   3D CT, int16, RescaleIntercept -1024
+      masks/<PATIENT_DIR>_<study>_<series>.nii.gz     uint8 lesion mask of one CT series
+
+``<PATIENT_DIR>`` is ``SURNAME_GIVEN_PATIENTID`` (e.g. ``DOE_JOHN_48213977``), so
+identifying information also lives in paths.
+
+Image model
+-----------
+* **2D (X-ray DICOM and PNG)**: a smooth "chest-like" background (body envelope,
+  two dark lungs, bright mediastinum, faint ribs, low-frequency blobs) taken from a
+  small per-seed bank, randomly shifted, scaled and overlaid with Gaussian noise.
+  Images labelled ``lesion`` carry a bright round blob of radius 6-14 px (at 128 px;
+  scaled with ``image_size``) centred in the central 70 % of the image; ``none``
+  images have no blob. Each study holds a balanced mix (half lesion, half none).
+  Multiclass: radius < 10 px (scaled) is ``small``, otherwise ``large``.
+* **X-ray DICOM encoding**: by global X-ray index ``k``, ``k % 6 == 1`` is RLE
+  Lossless, ``k % 6 == 2`` JPEG 2000 Lossless, everything else Explicit VR Little
+  Endian. All are lossless, so decoded pixels equal the rendered image.
+* **CT**: body ellipse of soft tissue (40 HU, noise sd 15 HU) in air (-1000 HU).
+  Most series (all but global series index ``k % 5 == 1``) contain an ellipsoidal
+  lesion of +120 HU with in-plane radius 4-9 voxels (at 64 px; scaled with
+  ``ct_size``); the mask is exactly the lesion voxels. Multiclass: in-plane radius
+  < 6.5 voxels (scaled) is ``small``, otherwise ``large``. Slice files are named in
+  a shuffled order (``IM0007.dcm`` is not the 7th slice along z) and
+  ``InstanceNumber`` counts down from the top slice, so readers must sort by
+  ``ImagePositionPatient`` along the slice normal.
+* **Masks**: ``nifti_data = mask_zyx.transpose(2, 1, 0)`` with the RAS affine that
+  corresponds to the DICOM (LPS) geometry of the series: voxel (i, j, k) = (column,
+  row, slice sorted ascending along z) maps to RAS ``(-(x0 + i*dx), -(y0 + j*dy),
+  z0 + k*dz)``. Series without lesion get an all-zero mask.
+
+PHI
+---
+Every DICOM header carries fake but realistic identifiers (PatientName, PatientID,
+PatientBirthDate, PatientSex, PatientAge, study/series/content dates and times,
+InstitutionName, ReferringPhysicianName, AccessionNumber, StudyID, descriptions)
+plus study/series/instance/frame-of-reference UIDs. A patient has the same name, ID
+and birth date everywhere (X-ray and CT); AccessionNumber is unique per study. The
+values written are returned in :attr:`DemoSummary.phi` so tests can scan outputs
+for leaks.
+
+Determinism
+-----------
+All randomness comes from ``numpy.random.default_rng`` seeded with ``(seed, tag,
+indices...)`` and all UIDs are ``2.25.<128-bit hash of seed and indices>``; no
+clock is read. The same spec therefore gives byte-identical files (given the same
+library versions, since codecs and the DICOM writer are part of the bytes). Each
+patient/study/image only depends on its own indices, so changing ``patients`` or
+the per-study counts never changes the content of the files they have in common
+except for global encoding/lesion-rate patterns based on the global index.
+
+``write_defective_files(out)`` writes one file of each bad-input kind (plus a few
+unusual but valid files) for quarantine tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import functools
+import gzip
+import hashlib
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.pixels import get_encoder
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+__all__ = ["DemoSpec", "DemoSummary", "generate_demo_dataset", "write_defective_files"]
+
+# --------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------
+
+DX_PRESENTATION_SOP = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+CT_IMAGE_SOP = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+US_IMAGE_SOP = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+XA_IMAGE_SOP = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
+BASIC_TEXT_SR_SOP = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
+
+XRAY_PIXEL_SPACING = 0.5  # mm
+CT_PIXEL_SPACING = 0.8  # mm
+CT_SLICE_THICKNESS = 2.5  # mm
+CT_BODY_HU = 40.0
+CT_AIR_HU = -1000.0
+CT_NOISE_HU = 15.0
+CT_LESION_CONTRAST_HU = 120.0
+CT_RESCALE_INTERCEPT = -1024
+
+XRAY_LESION_RADIUS = (6.0, 14.0)  # px at image_size 128
+XRAY_SMALL_BELOW = 10.0  # px at image_size 128
+CT_LESION_RADIUS = (4.0, 9.0)  # voxels at ct_size 64
+CT_SMALL_BELOW = 6.5  # voxels at ct_size 64
+
+_BANK_SIZE = 8  # backgrounds per (seed, image_size)
+_XRAY_NOISE = 0.015  # noise sd, fraction of full scale
+_XRAY_LESION_AMPLITUDE = 0.22  # blob brightness, fraction of full scale
+
+_SURNAMES = (
+    "DOE", "SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS",
+    "RODRIGUEZ", "MARTINEZ", "HERNANDEZ", "LOPEZ", "GONZALEZ", "WILSON", "ANDERSON",
+    "THOMAS", "TAYLOR", "MOORE", "JACKSON", "MARTIN", "LEE", "PEREZ", "THOMPSON", "WHITE",
+    "HARRIS", "SANCHEZ", "CLARK", "RAMIREZ", "LEWIS", "ROBINSON", "WALKER", "YOUNG",
+    "ALLEN", "KING", "WRIGHT", "SCOTT", "TORRES", "NGUYEN", "HILL", "FLORES", "GREEN",
+    "ADAMS", "NELSON", "BAKER", "HALL", "RIVERA", "CAMPBELL", "MITCHELL", "CARTER",
+    "ROBERTS", "MUELLER", "SCHMIDT", "ROSSI", "DUBOIS", "KOWALSKI", "NOVAK", "TANAKA",
+    "KIM", "OKAFOR",
+)
+_GIVEN_MALE = (
+    "JOHN", "JAMES", "ROBERT", "MICHAEL", "WILLIAM", "DAVID", "RICHARD", "JOSEPH",
+    "THOMAS", "CHARLES", "DANIEL", "MATTHEW", "ANTHONY", "MARK", "PAUL", "STEVEN",
+    "ANDREW", "KENNETH", "JOSHUA", "KEVIN", "BRIAN", "GEORGE", "EDWARD", "RONALD",
+    "TIMOTHY", "JASON", "JEFFREY", "RYAN", "JACOB", "GARY", "NICHOLAS", "ERIC",
+    "JONATHAN", "STEPHEN", "LARRY", "JUSTIN", "SCOTT", "BRANDON", "BENJAMIN", "SAMUEL",
+)
+_GIVEN_FEMALE = (
+    "JANE", "MARY", "PATRICIA", "JENNIFER", "LINDA", "ELIZABETH", "BARBARA", "SUSAN",
+    "JESSICA", "SARAH", "KAREN", "LISA", "NANCY", "BETTY", "MARGARET", "SANDRA",
+    "ASHLEY", "KIMBERLY", "EMILY", "DONNA", "MICHELLE", "CAROL", "AMANDA", "DOROTHY",
+    "MELISSA", "DEBORAH", "STEPHANIE", "REBECCA", "SHARON", "LAURA", "CYNTHIA", "KATHLEEN",
+    "AMY", "ANGELA", "SHIRLEY", "ANNA", "BRENDA", "PAMELA", "EMMA", "NICOLE",
+)
+_INSTITUTIONS = (
+    "St. Elsewhere General Hospital",
+    "Mercy Hope Medical Center",
+    "Riverside Community Hospital",
+    "Northgate University Clinic",
+    "Lakeview Regional Medical Center",
+)
+_PHYSICIANS = (
+    "HOUSE^GREGORY", "QUINN^MICHAELA", "KILDARE^JAMES", "WELBY^MARCUS", "GREY^MEREDITH",
+    "ROSS^DOUGLAS", "BAILEY^MIRANDA", "HAWKEYE^PIERCE",
+)
+_STUDY_DESCRIPTIONS = (
+    "CHEST ROUTINE", "THORAX FOLLOW-UP", "CHEST PA AND CT THORAX", "LUNG NODULE SURVEILLANCE",
+)
+_XRAY_VIEWS = ("PA", "AP")
+_CT_SERIES_DESCRIPTIONS = ("AXIAL 2.5MM", "CHEST W/O CONTRAST 2.5MM", "THORAX SOFT TISSUE")
+
+_DATE0 = _dt.date(2015, 1, 1)
+_TAG_PHI, _TAG_STUDY, _TAG_XRAY, _TAG_PNG, _TAG_CT, _TAG_BANK = 1, 2, 3, 4, 5, 6
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Size and seed of the demo dataset (defaults: ~300 2D images and 24 CT series)."""
+
+    patients: int = 12
+    studies_per_patient: int = 2
+    xray_per_study: int = 6  # 2D DICOM X-rays per study
+    png_per_study: int = 6  # 2D PNG images per study
+    ct_series_per_study: int = 1  # 3D CT series per study (0 = none)
+    image_size: int = 128  # 2D images are image_size x image_size
+    ct_size: int = 64  # CT slices are ct_size x ct_size
+    ct_slices: int = 32
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (JSON-serialisable), e.g. for provenance attributes."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when a field is out of range."""
+        if self.patients < 1:
+            raise ValueError("patients must be >= 1")
+        if self.studies_per_patient < 1:
+            raise ValueError("studies_per_patient must be >= 1")
+        for name in ("xray_per_study", "png_per_study", "ct_series_per_study"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.image_size < 32:
+            raise ValueError("image_size must be >= 32")
+        if self.ct_size < 16:
+            raise ValueError("ct_size must be >= 16")
+        if self.ct_slices < 4:
+            raise ValueError("ct_slices must be >= 4")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What :func:`generate_demo_dataset` wrote.
+
+    ``files``/``bytes`` count every file written (images, masks, manifests).
+    ``manifest``/``multiclass_manifest`` are the paths of the two CSV files.
+    ``phi`` maps a DICOM keyword (PatientName, PatientID, InstitutionName,
+    AccessionNumber, ReferringPhysicianName) to the distinct fake values written,
+    in order of first use; PatientName values are DICOM PN strings like ``DOE^JOHN``.
+    """
+
+    root: str
+    files: int
+    bytes: int
+    patients: int
+    manifest: str
+    multiclass_manifest: str
+    phi: dict[str, list[str]]
+
+
+def generate_demo_dataset(out_dir: str | Path, spec: DemoSpec) -> DemoSummary:
+    """Write the demo dataset described in the module docstring into ``out_dir``.
+
+    The folder is created if needed; files of the same name are overwritten, other
+    files are left alone (use a fresh folder for exact counts). Returns a summary
+    with file/byte counts, manifest paths and the fake PHI values used.
+    """
+    spec.validate()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    out = _Output(root)
+    patients = _plan_patients(spec)
+    bank = _background_bank(spec.seed, spec.image_size)
+    rows: list[tuple[str, str, str, str]] = []
+    rows_mc: list[tuple[str, str, str, str]] = []
+    phi: dict[str, list[str]] = {
+        k: []
+        for k in ("PatientName", "PatientID", "InstitutionName", "AccessionNumber", "ReferringPhysicianName")
+    }
+
+    for pat in patients:
+        _add_unique(phi["PatientName"], pat.name)
+        _add_unique(phi["PatientID"], pat.pid)
+        for st in pat.studies:
+            _add_unique(phi["InstitutionName"], st.institution)
+            _add_unique(phi["AccessionNumber"], st.accession)
+            _add_unique(phi["ReferringPhysicianName"], st.physician)
+            srng = np.random.default_rng([spec.seed, _TAG_STUDY, pat.index, st.index])
+            xray_lesion = _balanced_labels(srng, spec.xray_per_study)
+            png_lesion = _balanced_labels(srng, spec.png_per_study)
+            xray_common = _encode_elements(_xray_common(pat, st, spec.image_size, spec.image_size))
+            for i in range(spec.xray_per_study):
+                rel, cls = _write_xray(out, spec, bank, pat, st, i, bool(xray_lesion[i]), xray_common)
+                rows.append((rel, "lesion" if cls != "none" else "none", "", ""))
+                rows_mc.append((rel, cls, "", ""))
+            for i in range(spec.png_per_study):
+                rel, cls = _write_png(out, spec, bank, pat, st, i, bool(png_lesion[i]))
+                rows.append((rel, "lesion" if cls != "none" else "none", "", pat.pid))
+                rows_mc.append((rel, cls, "", pat.pid))
+            for j in range(spec.ct_series_per_study):
+                rel, mask_rel, cls = _write_ct_series(out, spec, pat, st, j)
+                rows.append((rel, "lesion" if cls != "none" else "none", mask_rel, ""))
+                rows_mc.append((rel, cls, mask_rel, ""))
+
+    manifest = _write_manifest(out, "labels.csv", rows)
+    manifest_mc = _write_manifest(out, "labels_multiclass.csv", rows_mc)
+    return DemoSummary(
+        root=str(root),
+        files=out.files,
+        bytes=out.bytes,
+        patients=len(patients),
+        manifest=str(manifest),
+        multiclass_manifest=str(manifest_mc),
+        phi=phi,
+    )
+
+
+def write_defective_files(out_dir: str | Path) -> dict[str, str]:
+    """Write one file of each bad-input kind (and a few odd but valid files) into ``out_dir``.
+
+    Returns ``{relative_path: expected_quarantine_reason}`` where the reason is a
+    ``QuarantineReason`` value from docs/design.md, or ``""`` for files a reader
+    must accept:
+
+    ==============================  =====================  ==============================
+    file                            reason                 what it is
+    ==============================  =====================  ==============================
+    not_dicom.dcm                   not_dicom              a text file named ``.dcm``
+    truncated.dcm                   truncated              first 60 % of a valid DX file
+    no_pixel_data.dcm               no_pixel_data          DX header without PixelData
+    text_report_sr.dcm              non_image_dicom        Basic Text SR, no pixels
+    corrupt_mask.nii.gz             unreadable_nifti       gzip stream cut in the voxel data
+    corrupt.png                     unreadable_image       PNG cut in its image data
+    mixed/IM000{1..6}.dcm           mixed_series_sizes     one CT series, 48x48 and 40x40
+    valid_dx.dcm                    ""                     valid DX
+    valid_dx_copy.dcm               duplicate_instance     byte copy of valid_dx.dcm
+    us_rgb.dcm                      ""                     US, RGB, SamplesPerPixel 3
+    multiframe_xa.dcm               ""                     XA, NumberOfFrames 8
+    tiff16.tif                      ""                     16-bit grayscale TIFF
+    ==============================  =====================  ==============================
+
+    The header PHI is the same fake patient in all DICOM files. The duplicate's name
+    sorts after the original's, so "first seen wins" keeps ``valid_dx.dcm``.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([987654321, 0])
+    pat = _Patient(
+        index=0, name="ROE^RICHARD", pid="55501234", birth_date=_dt.date(1961, 3, 14), sex="M",
+        dir="ROE_RICHARD_55501234", studies=(),
+    )
+    st = _Study(
+        index=0, dir="study01", uid=_uid(-1, "defective", "study"), date=_dt.date(2021, 6, 2),
+        time="101530", accession="ACC9990001", institution=_INSTITUTIONS[0], physician=_PHYSICIANS[0],
+        description=_STUDY_DESCRIPTIONS[0], study_id="990001",
+    )
+    reasons: dict[str, str] = {}
+
+    def put(rel: str, data: bytes, reason: str) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        reasons[rel] = reason
+
+    put(
+        "not_dicom.dcm",
+        b"Radiology report draft\nPatient: see RIS\nThis is a text file, not a DICOM object.\n" * 4,
+        "not_dicom",
+    )
+
+    size = 96
+    bank = _background_bank(0, size)
+
+    def dx(tag: str) -> Dataset:
+        img = _render_2d(bank, rng, size, (size / 2, size / 2, 10.0))
+        return _xray_dataset(pat, st, _uid(-1, "defective", tag), _uid(-1, "defective", tag, "series"),
+                             1, "PA", _to_uint12(img))
+
+    whole = _dicom_bytes(dx("truncated"))
+    put("truncated.dcm", whole[: int(len(whole) * 0.6)], "truncated")
+
+    ds = dx("nopix")
+    del ds.PixelData
+    put("no_pixel_data.dcm", _dicom_bytes(ds), "no_pixel_data")
+
+    put("text_report_sr.dcm", _dicom_bytes(_text_sr_dataset(pat, st)), "non_image_dicom")
+
+    valid = _dicom_bytes(dx("valid"))
+    put("valid_dx.dcm", valid, "")
+    put("valid_dx_copy.dcm", valid, "duplicate_instance")
+
+    # NIfTI whose gzip stream ends inside the voxel data (header still parses).
+    noise = rng.integers(0, 255, size=(32, 32, 32), dtype=np.uint8)
+    nifti = _nifti_gz(noise, np.eye(4))
+    put("corrupt_mask.nii.gz", nifti[: len(nifti) // 2], "unreadable_nifti")
+
+    png = _png_bytes(rng.integers(0, 256, size=(64, 64), dtype=np.uint8))
+    put("corrupt.png", png[: len(png) // 2], "unreadable_image")
+
+    # One CT series whose slices have two different sizes.
+    series_uid = _uid(-1, "defective", "mixed")
+    for k, n in enumerate((48, 48, 48, 48, 40, 40)):
+        vol = np.full((n, n), CT_BODY_HU - CT_RESCALE_INTERCEPT, dtype=np.int16)
+        ds = _ct_dataset(pat, st, series_uid, _uid(-1, "defective", "mixed", k), _uid(-1, "defective", "for"),
+                         2, "AXIAL 2.5MM", 6 - k, (-n * 0.4, -n * 0.4, k * CT_SLICE_THICKNESS), vol)
+        put(f"mixed/IM{k + 1:04d}.dcm", _dicom_bytes(ds), "mixed_series_sizes")
+
+    put("us_rgb.dcm", _dicom_bytes(_us_dataset(pat, st, rng)), "")
+    put("multiframe_xa.dcm", _dicom_bytes(_xa_multiframe_dataset(pat, st, rng)), "")
+
+    import tifffile
+
+    tif = io.BytesIO()
+    ramp = (np.arange(80, dtype=np.uint16)[:, None] * 700 + np.arange(64, dtype=np.uint16)[None, :] * 90)
+    tifffile.imwrite(tif, ramp.astype(np.uint16), photometric="minisblack", metadata=None)
+    put("tiff16.tif", tif.getvalue(), "")
+    return dict(sorted(reasons.items()))
+
+
+# --------------------------------------------------------------------------------------
+# Planning: patients, studies, fake PHI
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Study:
+    index: int
+    dir: str
+    uid: str
+    date: _dt.date
+    time: str
+    accession: str
+    institution: str
+    physician: str
+    description: str
+    study_id: str
+
+
+@dataclass(frozen=True)
+class _Patient:
+    index: int
+    name: str
+    pid: str
+    birth_date: _dt.date
+    sex: str
+    dir: str
+    studies: tuple[_Study, ...]
+
+
+def _plan_patients(spec: DemoSpec) -> list[_Patient]:
+    """Draw unique names/IDs/accessions for all patients and studies of ``spec``."""
+    rng = np.random.default_rng([spec.seed, _TAG_PHI])
+    n = spec.patients
+    n_given = len(_GIVEN_MALE) + len(_GIVEN_FEMALE)
+    space = len(_SURNAMES) * n_given
+    if n > space * 27:
+        raise ValueError(f"at most {space * 27} patients supported")
+    # Index space: (middle initial 0..26) x surname x given; 0 = no middle initial.
+    name_idx = rng.choice(space if n <= space else space * 27, size=n, replace=False)
+    pids = rng.choice(90_000_000, size=n, replace=False) + 10_000_000
+    n_st = n * spec.studies_per_patient
+    accessions = rng.choice(9_000_000, size=n_st, replace=False) + 1_000_000
+    patients = []
+    for p in range(n):
+        middle, rest = divmod(int(name_idx[p]), space)
+        surname, given_i = divmod(rest, n_given)
+        male = given_i < len(_GIVEN_MALE)
+        given = _GIVEN_MALE[given_i] if male else _GIVEN_FEMALE[given_i - len(_GIVEN_MALE)]
+        parts = [_SURNAMES[surname], given] + ([chr(64 + middle)] if middle else [])
+        name = "^".join(parts)
+        pid = f"{int(pids[p]):08d}"
+        prng = np.random.default_rng([spec.seed, _TAG_PHI, p])
+        birth = _DATE0 - _dt.timedelta(days=int(prng.integers(20 * 365, 85 * 365)))
+        first_day = int(prng.integers(0, 7 * 365))
+        studies = []
+        for s in range(spec.studies_per_patient):
+            day = first_day + s * int(prng.integers(30, 400))
+            secs = int(prng.integers(7 * 3600, 19 * 3600))
+            studies.append(
+                _Study(
+                    index=s,
+                    dir=f"study{s + 1:02d}",
+                    uid=_uid(spec.seed, "study", p, s),
+                    date=_DATE0 + _dt.timedelta(days=day),
+                    time=f"{secs // 3600:02d}{secs // 60 % 60:02d}{secs % 60:02d}",
+                    accession=f"ACC{int(accessions[p * spec.studies_per_patient + s]):07d}",
+                    institution=_INSTITUTIONS[int(prng.integers(len(_INSTITUTIONS)))],
+                    physician=_PHYSICIANS[int(prng.integers(len(_PHYSICIANS)))],
+                    description=_STUDY_DESCRIPTIONS[int(prng.integers(len(_STUDY_DESCRIPTIONS)))],
+                    study_id=f"{int(prng.integers(1, 999_999)):06d}",
+                )
+            )
+        patients.append(
+            _Patient(
+                index=p, name=name, pid=pid, birth_date=birth, sex="M" if male else "F",
+                dir="_".join(parts) + "_" + pid, studies=tuple(studies),
+            )
+        )
+    return patients
+
+
+def _uid(seed: int, *parts: object) -> str:
+    """Deterministic ``2.25.<int>`` UID from a 128-bit hash of ``seed`` and ``parts``."""
+    text = "|".join(["medpipe-demo", str(seed), *map(str, parts)])
+    return "2.25." + str(int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "big"))
+
+
+_IMPLEMENTATION_UID = _uid(0, "implementation")
+
+
+def _balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` booleans, half True (random side gets the odd one), in random order."""
+    return rng.permutation((np.arange(n) + int(rng.integers(2))) % 2).astype(bool)
+
+
+def _add_unique(values: list[str], value: str) -> None:
+    if value not in values:
+        values.append(value)
+
+
+# --------------------------------------------------------------------------------------
+# 2D image model
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _background_bank(seed: int, size: int) -> np.ndarray:
+    """``(_BANK_SIZE, size, size)`` float32 chest-like backgrounds in [0, 1] (read-only)."""
+    rng = np.random.default_rng([seed, _TAG_BANK, size])
+    v, u = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    edge = 2.0 / size * 1.5  # soft edge width in normalised units
+
+    def inside(cu: float, cv: float, au: float, av: float) -> np.ndarray:
+        d = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
+        return 1.0 / (1.0 + np.exp((d - 1.0) / (edge / min(au, av) + 0.02)))
+
+    bank = np.empty((_BANK_SIZE, size, size), dtype=np.float32)
+    for b in range(_BANK_SIZE):
+        j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - small jitter helper
+        img = 0.06 + 0.46 * inside(j(0.03), 0.1 + j(0.03), 0.88 + j(0.05), 1.05 + j(0.05))
+        lung_l = inside(-0.42 + j(0.04), -0.08 + j(0.05), 0.28 + j(0.04), 0.62 + j(0.06))
+        lung_r = inside(0.42 + j(0.04), -0.08 + j(0.05), 0.3 + j(0.04), 0.64 + j(0.06))
+        lungs = np.clip(lung_l + lung_r, 0, 1)
+        img -= 0.26 * lungs
+        freq, phase, bend = 14 + j(2), float(rng.uniform(0, 2 * np.pi)), 1.5 + j(0.5)
+        img += 0.05 * lungs * (0.5 + 0.5 * np.sin(freq * v + phase - bend * u**2))
+        img += 0.16 * np.exp(-((u - j(0.03)) / (0.13 + j(0.02))) ** 2) * (v > -0.85)
+        img += 0.10 * inside(j(0.05), 0.95 + j(0.05), 0.9, 0.35)  # diaphragm / abdomen
+        for _ in range(6):  # low-frequency blobs
+            cu, cv, sd, amp = j(0.8), j(0.8), float(rng.uniform(0.15, 0.45)), j(0.05)
+            img += amp * np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * sd**2))
+        bank[b] = np.clip(img, 0.0, 1.0)
+    bank.setflags(write=False)
+    return bank
+
+
+def _plan_2d_lesion(rng: np.random.Generator, size: int) -> tuple[float, float, float]:
+    """Draw a lesion (cy, cx, radius) for a ``size`` px image: radius 6-14 px at 128 px."""
+    scale = size / 128.0
+    radius = float(rng.uniform(*XRAY_LESION_RADIUS)) * scale
+    cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
+    return float(cy), float(cx), radius
+
+
+def _render_2d(
+    bank: np.ndarray, rng: np.random.Generator, size: int, lesion: tuple[float, float, float] | None
+) -> np.ndarray:
+    """One 2D image in [0, 1] (float32): shifted/scaled bank background + noise + optional blob."""
+    bg = bank[int(rng.integers(len(bank)))]
+    max_shift = max(1, size // 32)
+    dy, dx = (int(x) for x in rng.integers(-max_shift, max_shift + 1, size=2))
+    img = np.roll(bg, (dy, dx), axis=(0, 1)) * np.float32(rng.uniform(0.92, 1.08))
+    img += np.float32(rng.uniform(-0.03, 0.03))
+    img += rng.standard_normal((size, size), dtype=np.float32) * np.float32(_XRAY_NOISE)
+    if lesion is not None:
+        cy, cx, r = lesion
+        y0, y1 = max(0, int(cy - r - 4)), min(size, int(cy + r + 5))
+        x0, x1 = max(0, int(cx - r - 4)), min(size, int(cx + r + 5))
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2, dtype=np.float32)
+        img[y0:y1, x0:x1] += np.float32(_XRAY_LESION_AMPLITUDE) / (1.0 + np.exp((d - r) / np.float32(0.8)))
+    return np.clip(img, 0.0, 1.0, out=img)
+
+
+def _to_uint12(img: np.ndarray) -> np.ndarray:
+    return np.rint(img * 4095.0).astype(np.uint16)
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.rint(img * 255.0).astype(np.uint8)
+
+
+def _image_2d(
+    spec: DemoSpec, bank: np.ndarray, tag: int, p: int, s: int, i: int, has_lesion: bool
+) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """Rendered image in [0, 1] and its lesion (or None) for one 2D file."""
+    rng = np.random.default_rng([spec.seed, tag, p, s, i])
+    lesion = _plan_2d_lesion(rng, spec.image_size)  # always drawn: stable stream
+    lesion = lesion if has_lesion else None
+    return _render_2d(bank, rng, spec.image_size, lesion), lesion
+
+
+def _class_2d(lesion: tuple[float, float, float] | None, size: int) -> str:
+    if lesion is None:
+        return "none"
+    return "small" if lesion[2] < XRAY_SMALL_BELOW * size / 128.0 else "large"
+
+
+# --------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------
+
+
+class _Output:
+    """Writes files under ``root`` and counts them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = 0
+        self.bytes = 0
+        self._dirs: set[Path] = set()
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
+        path.write_bytes(data)
+        self.files += 1
+        self.bytes += len(data)
+
+
+def _write_xray(
+    out: _Output, spec: DemoSpec, bank: np.ndarray, pat: _Patient, st: _Study, i: int, has_lesion: bool,
+    common: dict[int, bytes],
+) -> tuple[str, str]:
+    """Render and write one X-ray; ``common`` is the encoded study-level header."""
+    img, lesion = _image_2d(spec, bank, _TAG_XRAY, pat.index, st.index, i, has_lesion)
+    sop_uid = _uid(spec.seed, "xray", pat.index, st.index, i)
+    ts = _xray_transfer_syntax(spec, pat.index, st.index, i)
+    own = _xray_own(st, sop_uid, _uid(spec.seed, "xray-series", pat.index, st.index, i), i + 1,
+                    _xray_view(spec, pat.index, st.index, i), _to_uint12(img), ts)
+    rel = f"xray/{pat.dir}/{st.dir}/img{i + 1:03d}.dcm"
+    out.write(rel, _part10_bytes(DX_PRESENTATION_SOP, sop_uid, ts, common, own))
+    return rel, _class_2d(lesion, spec.image_size)
+
+
+def _xray_index(spec: DemoSpec, p: int, s: int, i: int) -> int:
+    """Global X-ray index (drives the transfer syntax and view patterns)."""
+    return (p * spec.studies_per_patient + s) * spec.xray_per_study + i
+
+
+def _xray_transfer_syntax(spec: DemoSpec, p: int, s: int, i: int) -> str:
+    """``k % 6 == 1``: RLE Lossless, ``k % 6 == 2``: JPEG 2000 Lossless, else Explicit VR LE."""
+    k = _xray_index(spec, p, s, i) % 6
+    return {1: RLELossless, 2: JPEG2000Lossless}.get(k, ExplicitVRLittleEndian)
+
+
+def _xray_view(spec: DemoSpec, p: int, s: int, i: int) -> str:
+    return _XRAY_VIEWS[_xray_index(spec, p, s, i) % 2]
+
+
+def _write_png(
+    out: _Output, spec: DemoSpec, bank: np.ndarray, pat: _Patient, st: _Study, i: int, has_lesion: bool
+) -> tuple[str, str]:
+    img, lesion = _image_2d(spec, bank, _TAG_PNG, pat.index, st.index, i, has_lesion)
+    rel = f"png/{pat.dir}/{st.dir}/img{i + 1:03d}.png"
+    out.write(rel, _png_bytes(_to_uint8(img)))
+    return rel, _class_2d(lesion, spec.image_size)
+
+
+def _ct_volume(
+    spec: DemoSpec, p: int, s: int, j: int, has_lesion: bool
+) -> tuple[np.ndarray, np.ndarray, float | None, np.random.Generator]:
+    """HU volume (Z, Y, X) float32, mask uint8, in-plane lesion radius (or None) and the rng."""
+    rng = np.random.default_rng([spec.seed, _TAG_CT, p, s, j])
+    n, nz = spec.ct_size, spec.ct_slices
+    scale = n / 64.0
+    a = n * float(rng.uniform(0.38, 0.45))  # body semi-axis along x
+    b = n * float(rng.uniform(0.27, 0.33))  # body semi-axis along y
+    c0y, c0x = n / 2 + float(rng.uniform(-1, 1)), n / 2 + float(rng.uniform(-1, 1))
+    r = max(1.5, float(rng.uniform(*CT_LESION_RADIUS)) * scale)
+    rz = max(1.0, min(r, (nz - 1) / 2 - 0.5))
+    theta, rho = float(rng.uniform(0, 2 * np.pi)), float(np.sqrt(rng.uniform(0, 1)))
+    cx = c0x + max(a - r - 2, 0) * rho * np.cos(theta)
+    cy = c0y + max(b - r - 2, 0) * rho * np.sin(theta)
+    cz = float(rng.uniform(rz, nz - 1 - rz))
+
+    zz, yy, xx = np.ogrid[:nz, :n, :n]
+    body = ((xx - c0x) / a) ** 2 + ((yy - c0y) / b) ** 2 <= 1.0  # (1, n, n)
+    hu = np.where(body, np.float32(CT_BODY_HU), np.float32(CT_AIR_HU)).astype(np.float32)
+    hu = np.broadcast_to(hu, (nz, n, n)) + rng.standard_normal((nz, n, n), dtype=np.float32) * np.float32(CT_NOISE_HU)
+    mask = np.zeros((nz, n, n), dtype=np.uint8)
+    if has_lesion:
+        inside = ((zz - cz) / rz) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1.0
+        mask[inside] = 1
+        hu[inside] += np.float32(CT_LESION_CONTRAST_HU)
+    return hu, mask, (r if has_lesion else None), rng
+
+
+def _ct_geometry(spec: DemoSpec) -> tuple[float, float, float]:
+    """Patient-space (LPS) position of voxel (0, 0, 0): centred in x/y, z starts at -half length."""
+    half = spec.ct_size * CT_PIXEL_SPACING / 2
+    return -half, -half, -(spec.ct_slices * CT_SLICE_THICKNESS) / 2
+
+
+def _ct_affine(x0: float, y0: float, z0: float, dx: float, dy: float, dz: float) -> np.ndarray:
+    """RAS affine of NIfTI data ``mask_zyx.transpose(2, 1, 0)`` for a DICOM (LPS) axial series."""
+    return np.array(
+        [[-dx, 0, 0, -x0], [0, -dy, 0, -y0], [0, 0, dz, z0], [0, 0, 0, 1]], dtype=np.float64
+    )
+
+
+def _write_ct_series(out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, j: int) -> tuple[str, str, str]:
+    """Write one CT series (shuffled slice file names) and its mask; returns (dir, mask, class)."""
+    k_global = (pat.index * spec.studies_per_patient + st.index) * spec.ct_series_per_study + j
+    has_lesion = k_global % 5 != 1
+    hu, mask, radius, rng = _ct_volume(spec, pat.index, st.index, j, has_lesion)
+    stored = np.rint(hu - CT_RESCALE_INTERCEPT).astype(np.int16)
+    nz = spec.ct_slices
+    perm = rng.permutation(nz)
+    if np.all(perm == np.arange(nz)):
+        perm = perm[::-1].copy()
+    rel_dir = f"ct/{pat.dir}/{st.dir}/series{j + 1:02d}"
+    series_number = 100 + j + 1
+    description = _CT_SERIES_DESCRIPTIONS[int(rng.integers(len(_CT_SERIES_DESCRIPTIONS)))]
+    common = _encode_elements(
+        _ct_common(pat, st, _uid(spec.seed, "ct-series", pat.index, st.index, j),
+                   _uid(spec.seed, "ct-for", pat.index, st.index, j), series_number, description,
+                   spec.ct_size, spec.ct_size)
+    )
+    x0, y0, z0 = _ct_geometry(spec)
+    for z in (int(v) for v in perm):  # files created in shuffled order too
+        sop_uid = _uid(spec.seed, "ct", pat.index, st.index, j, z)
+        own = _ct_own(st, series_number, sop_uid, nz - z, (x0, y0, z0 + z * CT_SLICE_THICKNESS), stored[z])
+        out.write(f"{rel_dir}/IM{int(perm[z]) + 1:04d}.dcm",
+                  _part10_bytes(CT_IMAGE_SOP, sop_uid, ExplicitVRLittleEndian, common, own))
+    mask_rel = f"masks/{pat.dir}_{st.dir}_series{j + 1:02d}.nii.gz"
+    affine = _ct_affine(x0, y0, z0, CT_PIXEL_SPACING, CT_PIXEL_SPACING, CT_SLICE_THICKNESS)
+    out.write(mask_rel, _nifti_gz(mask.transpose(2, 1, 0), affine))
+    if radius is None:
+        cls = "none"
+    else:
+        cls = "small" if radius < CT_SMALL_BELOW * spec.ct_size / 64.0 else "large"
+    return rel_dir, mask_rel, cls
+
+
+def _write_manifest(out: _Output, name: str, rows: list[tuple[str, str, str, str]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "mask", "patient_id"])
+    writer.writerows(rows)
+    out.write(name, buf.getvalue().encode("utf-8"))
+    return out.root / name
+
+
+# --------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------
+
+_CHARSET = "ISO_IR 100"
+_IMPLEMENTATION_VERSION = "MEDPIPE_DEMO_1"
+
+
+def _dicom_bytes(ds: Dataset) -> bytes:
+    """Serialise ``ds`` as a DICOM Part-10 file with pydicom (reference path)."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _encode_elements(ds: Dataset) -> dict[int, bytes]:
+    """Each top-level element of ``ds`` encoded as Explicit VR Little Endian bytes, by tag."""
+    out: dict[int, bytes] = {}
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, _CHARSET)
+        out[int(elem.tag)] = fp.getvalue()
+    return out
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta group, as ``dcmwrite(enforce_file_format=True)`` writes them."""
+
+    def ui(v: str) -> bytes:
+        b = v.encode("ascii")
+        return b + b"\0" if len(b) % 2 else b
+
+    version = _IMPLEMENTATION_VERSION.encode("ascii")
+    version += b" " * (len(version) % 2)
+    body = b"".join([
+        _meta_element(0x00020001, b"OB", b"\x00\x01"),
+        _meta_element(0x00020002, b"UI", ui(sop_class)),
+        _meta_element(0x00020003, b"UI", ui(sop_uid)),
+        _meta_element(0x00020010, b"UI", ui(transfer_syntax)),
+        _meta_element(0x00020012, b"UI", ui(_IMPLEMENTATION_UID)),
+        _meta_element(0x00020013, b"SH", version),
+    ])
+    return b"\0" * 128 + b"DICM" + _meta_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = _IMPLEMENTATION_UID
+    meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
+    return meta
+
+
+def _part10_bytes(
+    sop_class: str, sop_uid: str, transfer_syntax: str, common: dict[int, bytes], own: Dataset
+) -> bytes:
+    """Fast Part-10 writer: pre-encoded shared elements merged with the per-file ones.
+
+    Produces the same bytes as ``_dicom_bytes(_merge(...))`` (checked by the tests)
+    at a fraction of the cost, because most of a header is shared by a study/series.
+    All transfer syntaxes used here are explicit VR little endian.
+    """
+    elems = dict(common)
+    elems.update(_encode_elements(own))
+    body = b"".join(elems[t] for t in sorted(elems))
+    return _file_meta_bytes(sop_class, sop_uid, transfer_syntax) + body
+
+
+def _merge(common: Dataset, own: Dataset, sop_class: str, sop_uid: str, transfer_syntax: str) -> Dataset:
+    """Full dataset (with file meta) from a shared part and a per-file part."""
+    ds = Dataset()
+    for elem in common:
+        ds.add(elem)
+    for elem in own:
+        ds.add(elem)
+    ds.file_meta = _file_meta(sop_class, sop_uid, transfer_syntax)
+    return ds
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _nifti_gz(data_xyz: np.ndarray, affine: np.ndarray) -> bytes:
+    """Gzipped single-file NIfTI-1 bytes (gzip mtime fixed at 0 for determinism)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(data_xyz), affine)
+    img.header.set_data_dtype(data_xyz.dtype)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+# --------------------------------------------------------------------------------------
+# DICOM datasets
+# --------------------------------------------------------------------------------------
+
+
+def _common_base(sop_class: str, modality: str) -> Dataset:
+    """Elements every demo DICOM file has (minus per-instance ones)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = _CHARSET
+    ds.SOPClassUID = sop_class
+    ds.Modality = modality
+    ds.Manufacturer = "MEDPIPE DEMO IMAGING"
+    ds.ManufacturerModelName = "SYNTH-1"
+    ds.StationName = "DEMO-STATION-01"
+    return ds
+
+
+def _new_dataset(sop_class: str, sop_uid: str, modality: str) -> Dataset:
+    """A complete single dataset with file meta (used for the one-off files)."""
+    ds = _common_base(sop_class, modality)
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta = _file_meta(sop_class, sop_uid, ExplicitVRLittleEndian)
+    return ds
+
+
+def _add_patient_study(ds: Dataset, pat: _Patient, st: _Study) -> None:
+    """Patient and study PHI shared by every file of a study."""
+    ds.PatientName = pat.name
+    ds.PatientID = pat.pid
+    ds.PatientBirthDate = pat.birth_date.strftime("%Y%m%d")
+    ds.PatientSex = pat.sex
+    age = (st.date - pat.birth_date).days // 365
+    ds.PatientAge = f"{age:03d}Y"
+    ds.StudyInstanceUID = st.uid
+    ds.StudyDate = st.date.strftime("%Y%m%d")
+    ds.StudyTime = st.time
+    ds.SeriesDate = ds.StudyDate
+    ds.ContentDate = ds.StudyDate
+    ds.AcquisitionDate = ds.StudyDate
+    ds.AccessionNumber = st.accession
+    ds.InstitutionName = st.institution
+    ds.InstitutionAddress = "1 Hospital Way, Springfield"
+    ds.ReferringPhysicianName = st.physician
+    ds.StudyDescription = st.description
+    ds.StudyID = st.study_id
+
+
+def _times(st: _Study, series_number: int, instance_number: int) -> tuple[str, str]:
+    """(SeriesTime, ContentTime) a few minutes/seconds after the study time."""
+    h, m, s = int(st.time[:2]), int(st.time[2:4]), int(st.time[4:])
+    t0 = h * 3600 + m * 60 + s + 60 * (series_number % 100)
+    t1 = t0 + instance_number
+
+    def fmt(t: int) -> str:
+        t %= 86400
+        return f"{t // 3600:02d}{t // 60 % 60:02d}{t % 60:02d}"
+
+    return fmt(t0), fmt(t1)
+
+
+def _add_pixel_module(ds: Dataset, rows: int, cols: int, dtype: np.dtype, bits_stored: int) -> None:
+    """Image Pixel module attributes except PixelData / photometric / samples."""
+    dtype = np.dtype(dtype)
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if dtype.kind == "i" else 0
+
+
+def _add_pixels(ds: Dataset, pixels: np.ndarray, rows: int, cols: int, bits_stored: int) -> None:
+    """Pixel module plus native (uncompressed) PixelData for one-off datasets."""
+    _add_pixel_module(ds, rows, cols, pixels.dtype, bits_stored)
+    ds.add(_pixel_data_element(pixels, ExplicitVRLittleEndian, bits_stored, ""))
+
+
+def _pixel_data_element(pixels: np.ndarray, transfer_syntax: str, bits_stored: int, photometric: str) -> DataElement:
+    """(7FE0,0010) for native or (lossless, single-frame, grayscale) encapsulated syntaxes."""
+    if transfer_syntax == ExplicitVRLittleEndian:
+        vr = "OW" if pixels.dtype.itemsize > 1 else "OB"
+        return DataElement(0x7FE00010, vr, np.ascontiguousarray(pixels).tobytes())
+    frame = get_encoder(transfer_syntax).encode(
+        np.ascontiguousarray(pixels),
+        rows=pixels.shape[0], columns=pixels.shape[1], samples_per_pixel=1,
+        bits_allocated=pixels.dtype.itemsize * 8, bits_stored=bits_stored,
+        pixel_representation=1 if pixels.dtype.kind == "i" else 0,
+        photometric_interpretation=photometric, number_of_frames=1,
+    )
+    elem = DataElement(0x7FE00010, "OB", encapsulate([frame]))
+    elem.is_undefined_length = True
+    return elem
+
+
+def _xray_common(pat: _Patient, st: _Study, rows: int, cols: int) -> Dataset:
+    """DX header elements shared by all X-rays of a study (For Presentation, 12-bit MONOCHROME2)."""
+    ds = _common_base(DX_PRESENTATION_SOP, "DX")
+    _add_patient_study(ds, pat, st)
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelSpacing = [XRAY_PIXEL_SPACING, XRAY_PIXEL_SPACING]
+    ds.ImagerPixelSpacing = [XRAY_PIXEL_SPACING, XRAY_PIXEL_SPACING]
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    _add_pixel_module(ds, rows, cols, np.uint16, 12)
+    return ds
+
+
+def _xray_own(
+    st: _Study, sop_uid: str, series_uid: str, series_number: int, view: str, pixels: np.ndarray,
+    transfer_syntax: str,
+) -> Dataset:
+    """Per-image DX elements (each X-ray is its own series, as is common for CR/DX)."""
+    ds = Dataset()
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesTime, ds.ContentTime = _times(st, series_number, 1)
+    ds.AcquisitionTime = ds.ContentTime
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = f"CHEST {view}"
+    ds.ViewPosition = view
+    ds.PatientOrientation = ["L", "F"] if view == "AP" else ["R", "F"]
+    ds.add(_pixel_data_element(pixels, transfer_syntax, 12, "MONOCHROME2"))
+    return ds
+
+
+def _xray_dataset(
+    pat: _Patient, st: _Study, sop_uid: str, series_uid: str, series_number: int, view: str,
+    pixels: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Dataset:
+    """Complete DX dataset (with file meta) for ``pydicom.dcmwrite``."""
+    common = _xray_common(pat, st, *pixels.shape)
+    own = _xray_own(st, sop_uid, series_uid, series_number, view, pixels, transfer_syntax)
+    return _merge(common, own, DX_PRESENTATION_SOP, sop_uid, transfer_syntax)
+
+
+def _ct_common(
+    pat: _Patient, st: _Study, series_uid: str, for_uid: str, series_number: int, description: str,
+    rows: int, cols: int,
+) -> Dataset:
+    """CT header elements shared by all slices of a series (int16, HU = stored - 1024)."""
+    ds = _common_base(CT_IMAGE_SOP, "CT")
+    _add_patient_study(ds, pat, st)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+    ds.AcquisitionNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientPosition = "HFS"
+    ds.KVP = 120
+    ds.ConvolutionKernel = "STANDARD"
+    ds.SliceThickness = CT_SLICE_THICKNESS
+    ds.SpacingBetweenSlices = CT_SLICE_THICKNESS
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [CT_PIXEL_SPACING, CT_PIXEL_SPACING]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.RescaleIntercept = CT_RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.WindowCenter = 40
+    ds.WindowWidth = 400
+    _add_pixel_module(ds, rows, cols, np.int16, 16)
+    return ds
+
+
+def _ct_own(
+    st: _Study, series_number: int, sop_uid: str, instance_number: int,
+    position: tuple[float, float, float], pixels: np.ndarray,
+) -> Dataset:
+    """Per-slice CT elements: instance UID/number, position, times, pixels."""
+    ds = Dataset()
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesTime, ds.ContentTime = _times(st, series_number, instance_number)
+    ds.AcquisitionTime = ds.SeriesTime
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+    ds.SliceLocation = round(float(position[2]), 4)
+    ds.add(_pixel_data_element(pixels.astype(np.int16, copy=False), ExplicitVRLittleEndian, 16, "MONOCHROME2"))
+    return ds
+
+
+def _ct_dataset(
+    pat: _Patient, st: _Study, series_uid: str, sop_uid: str, for_uid: str, series_number: int,
+    description: str, instance_number: int, position: tuple[float, float, float], pixels: np.ndarray,
+) -> Dataset:
+    """Complete CT slice dataset (with file meta) for ``pydicom.dcmwrite``."""
+    common = _ct_common(pat, st, series_uid, for_uid, series_number, description, *pixels.shape)
+    own = _ct_own(st, series_number, sop_uid, instance_number, position, pixels)
+    return _merge(common, own, CT_IMAGE_SOP, sop_uid, ExplicitVRLittleEndian)
+
+
+def _text_sr_dataset(pat: _Patient, st: _Study) -> Dataset:
+    """Basic Text SR with a one-item content tree (no pixel data)."""
+    ds = _new_dataset(BASIC_TEXT_SR_SOP, _uid(-1, "defective", "sr"), "SR")
+    _add_patient_study(ds, pat, st)
+    ds.SeriesTime, ds.ContentTime = _times(st, 900, 1)
+    ds.SeriesInstanceUID = _uid(-1, "defective", "sr-series")
+    ds.SeriesNumber = 900
+    ds.SeriesDescription = "RADIOLOGY REPORT"
+    ds.InstanceNumber = 1
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "18748-4", "LN", "Diagnostic Imaging Report"
+    ds.ConceptNameCodeSequence = Sequence([title])
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "TEXT"
+    name = Dataset()
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "121071", "DCM", "Finding"
+    item.ConceptNameCodeSequence = Sequence([name])
+    item.TextValue = f"Findings for {pat.name.replace('^', ' ')}: small nodule right upper lobe."
+    ds.ContentSequence = Sequence([item])
+    return ds
+
+
+def _us_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
+    """Single-frame RGB ultrasound image (uint8, SamplesPerPixel 3, interleaved)."""
+    ds = _new_dataset(US_IMAGE_SOP, _uid(-1, "defective", "us"), "US")
+    _add_patient_study(ds, pat, st)
+    ds.SeriesTime, ds.ContentTime = _times(st, 5, 1)
+    ds.SeriesInstanceUID = _uid(-1, "defective", "us-series")
+    ds.SeriesNumber = 5
+    ds.SeriesDescription = "ABDOMEN US"
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"]
+    h, w = 96, 128
+    yy, xx = np.mgrid[:h, :w]
+    fan = ((xx - w / 2) ** 2 + yy**2 < (0.9 * h) ** 2) & (np.abs(xx - w / 2) < yy * 0.9 + 4)
+    gray = (fan * (60 + 120 * rng.random((h, w)))).astype(np.uint8)
+    rgb = np.stack([gray, gray, gray], axis=-1)
+    rgb[4:12, 4:40] = (255, 200, 0)  # burned-in colour overlay bar
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BurnedInAnnotation = "NO"
+    _add_pixels(ds, rgb, h, w, bits_stored=8)
+    return ds
+
+
+def _xa_multiframe_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
+    """8-frame XA cine run, uint16 12-bit MONOCHROME2."""
+    ds = _new_dataset(XA_IMAGE_SOP, _uid(-1, "defective", "xa"), "XA")
+    _add_patient_study(ds, pat, st)
+    ds.SeriesTime, ds.ContentTime = _times(st, 6, 1)
+    ds.SeriesInstanceUID = _uid(-1, "defective", "xa-series")
+    ds.SeriesNumber = 6
+    ds.SeriesDescription = "CORONARY CINE"
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.NumberOfFrames = 8
+    ds.FrameTime = 66.7
+    ds.CineRate = 15
+    ds.FrameIncrementPointer = 0x00181063  # FrameTime
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelSpacing = [0.3, 0.3]
+    frames = (1500 + 200 * rng.standard_normal((8, 64, 64))).clip(0, 4095).astype(np.uint16)
+    for f in range(8):
+        frames[f, 30:34, 8 + 6 * f : 20 + 6 * f] = 300  # a moving dark "vessel"
+    _add_pixels(ds, frames, 64, 64, bits_stored=12)
+    return ds

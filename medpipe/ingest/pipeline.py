@@ -1,0 +1,154 @@
+"""The driver-side steps of an ingest run, between the mapped (parallel) steps.
+
+    prepare_ingest  -> scan_shard (mapped) -> plan_ingest -> archive_shard (mapped)
+    -> lay_out_ingest -> assemble_range (mapped) -> finish_ingest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from medpipe import __version__
+from medpipe.config import IngestConfig
+from medpipe.deid import DeidKey, Pseudonymizer
+from medpipe.fingerprint import compute_fingerprint
+from medpipe.ingest.archive import unit_input_tag
+from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
+from medpipe.ingest.finalize import account, finalize_store
+from medpipe.ingest.training import TrainingLayout, layout_training
+from medpipe.ingest.units import UnitPlan, plan_units
+from medpipe.manifest import Manifest, check_references, load_manifest
+from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
+
+
+class KeyMismatchError(StoreError):
+    """The store was built with another de-identification key."""
+
+
+@dataclass
+class IngestRun:
+    """What the steps of one run share: where from, where to, the listing and the manifest."""
+
+    source: str
+    store: str
+    config: IngestConfig
+    listing: SourceListing
+    manifest: Manifest
+    run_fingerprint: str
+    key_fingerprint: str
+    previous: dict[str, Any] | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        """The store already holds a completed run of exactly these inputs: nothing to do."""
+        return bool(self.previous and self.previous.get("complete")
+                    and self.previous.get("run_fingerprint") == self.run_fingerprint)
+
+    def scan_shards(self) -> list[list[tuple[int, str]]]:
+        return make_shards(list(enumerate(self.listing.paths)), self.config.files_per_shard)
+
+
+@dataclass
+class ArchiveOutcome:
+    """Archive records split into archived units and units quarantined at decode time."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) -> IngestRun:
+    """Discover files, load the manifest, check the store's key, and mark a store being (re)built incomplete."""
+    fs, root = source_fs(source)
+    pseudonyms = Pseudonymizer(key)
+    manifest, manifest_path = load_manifest(fs, root, config.manifest, config.classes, pseudonyms.path)
+    exclude = [manifest_path[len(root):].lstrip("/")] if manifest_path and manifest_path.startswith(root) else []
+    for sibling in ("labels.csv", "labels_multiclass.csv"):  # demo manifests beside the images are not images
+        if fs.exists(f"{root}/{sibling}"):
+            exclude.append(sibling)
+    listing = discover_files(source, exclude=exclude)
+    check_references(manifest, set(listing.paths), pseudonyms.path)
+    manifest_digest = hashlib.sha256(fs.cat_file(manifest_path) if manifest_path else b"").hexdigest()
+    run_fingerprint = hashlib.sha256(json.dumps(
+        [listing.fingerprint(), manifest_digest, config.to_dict(), key.fingerprint, __version__], sort_keys=True,
+    ).encode()).hexdigest()
+    previous = None
+    try:
+        previous = store_attrs(store) or None
+    except StoreError:
+        previous = None
+    if previous and previous.get("key_fingerprint") not in (None, key.fingerprint):
+        raise KeyMismatchError(
+            f"{store} was de-identified with another key; pseudonyms would not match. Use a new store path "
+            "or the original key.")
+    run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.fingerprint, previous)
+    if not run.up_to_date:
+        root_group = open_store(store, mode="a")
+        root_group.attrs[ATTRS_KEY] = {**(previous or {}), "complete": False, "key_fingerprint": key.fingerprint}
+    return run
+
+
+def plan_ingest(run: IngestRun, scan_records: list[dict[str, Any]], key: DeidKey) -> tuple[UnitPlan, dict[str, str]]:
+    """Units to archive (with per-unit input tags for skip-on-rerun) and the pre-decode quarantine."""
+    plan = plan_units(scan_records, run.listing.paths, run.manifest, Pseudonymizer(key))
+    run_tag = hashlib.sha256(json.dumps([run.config.store.to_dict(), run.key_fingerprint, __version__,
+                                         run.manifest.classes]).encode()).hexdigest()
+    tags = {u["id"]: unit_input_tag(u, run.listing.sizes, run.listing.stamps, run_tag) for u in plan.units}
+    return plan, tags
+
+
+def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[dict[str, Any]]]:
+    """Shards of units holding about `files_per_shard` files each (a CT series counts all its slices)."""
+    shards, current, files = [], [], 0
+    for unit in plan.units:
+        current.append(unit)
+        files += len(unit["indices"])
+        if files >= run.config.files_per_shard:
+            shards.append(current)
+            current, files = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def collect_archive(plan: UnitPlan, shard_records: list[list[dict[str, Any]]]) -> ArchiveOutcome:
+    """Split archive results into archived units and decode-time quarantine (every file of a failed unit)."""
+    outcome = ArchiveOutcome(quarantine=list(plan.quarantine))
+    unit_by_id = {u["id"]: u for u in plan.units}
+    for record in (r for shard in shard_records for r in shard):
+        unit = unit_by_id[record["id"]]
+        if record.get("reason"):
+            outcome.quarantine.extend({"source_hash": h, "reason": record["reason"], "detail": record.get("detail", ""),
+                                       "index": i} for i, h in zip(unit["indices"], unit["hashes"]))
+            if unit["mask_index"] is not None:
+                outcome.quarantine.append({"source_hash": unit["mask_hash"], "reason": "mask_without_image",
+                                           "detail": "its image could not be decoded", "index": unit["mask_index"]})
+            continue
+        if record.get("mask_reason"):
+            outcome.quarantine.append({"source_hash": unit["mask_hash"], "reason": record["mask_reason"],
+                                       "detail": "mask not usable for its image", "index": unit["mask_index"]})
+        outcome.records.append(record)
+    return outcome
+
+
+def lay_out_ingest(run: IngestRun, outcome: ArchiveOutcome) -> tuple[TrainingLayout, dict[str, Any]]:
+    """Fingerprint the archived images, then create the training arrays and the per-sample table."""
+    fingerprint = compute_fingerprint(outcome.records)
+    layout = layout_training(run.store, outcome.records, run.manifest.classes, run.config, fingerprint)
+    return layout, fingerprint
+
+
+def finish_ingest(run: IngestRun, outcome: ArchiveOutcome, layout: TrainingLayout,
+                  fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Account for every file, write reports and the content hash, mark the store complete."""
+    counts = account(len(run.listing.paths), outcome.records, outcome.quarantine)
+    counts = {**counts, "training_samples": len(layout.unit_ids), "excluded_from_training": len(layout.excluded)}
+    return finalize_store(
+        run.store, records=outcome.records, quarantine=outcome.quarantine, excluded=layout.excluded,
+        manifest_issues=run.manifest.issues, counts=counts, fingerprint=fingerprint, config=run.config.to_dict(),
+        classes=run.manifest.classes, splits=layout.splits, samples=len(layout.unit_ids),
+        sample_shape=list(layout.sample_shape), run_fingerprint=run.run_fingerprint,
+        key_fingerprint=run.key_fingerprint,
+    )

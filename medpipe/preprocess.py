@@ -1,0 +1,99 @@
+"""Archive image -> fixed-shape training sample: channel conversion, resampling, normalisation, crop/pad/resize.
+
+Normalisation follows nnU-Net: CT is clipped to the dataset's foreground 0.5/99.5 percentiles and z-scored with the
+foreground mean/std (from the fingerprint); MR is z-scored per image; other 2D images are scaled to 0..1.
+Spatial operations are MONAI transforms on channel-first arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from monai.data import set_track_meta
+from monai.transforms import Resize, ResizeWithPadOrCrop
+
+from medpipe.config import PreprocessConfig
+
+set_track_meta(False)  # plain tensors out of MONAI transforms; metadata lives in the store's table
+
+
+class NotTrainable(ValueError):
+    """An archive image that cannot soundly become a sample of the configured kind (recorded as excluded)."""
+
+
+def convert_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """RGB -> luminance (ITU-R 601) when one channel is wanted; grey -> RGB by replication when three are."""
+    have = pixels.shape[0]
+    if have == channels:
+        return pixels
+    if have == 3 and channels == 1:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *([1] * (pixels.ndim - 1)))
+        return (pixels.astype(np.float32) * weights).sum(axis=0, keepdims=True)
+    if have == 1 and channels == 3:
+        return np.repeat(pixels, 3, axis=0)
+    raise NotTrainable(f"{have} channels cannot become {channels}")
+
+
+def check_kind(shape: tuple[int, ...], config: PreprocessConfig) -> None:
+    """Raise NotTrainable when an image of `shape` (C,Y,X or C,Z,Y,X) does not fit the configured kind."""
+    if config.kind == "2d" and len(shape) != 3:
+        raise NotTrainable("a volume (3D or multi-frame) does not fit a 2D dataset")
+    if config.kind == "3d" and (len(shape) != 4 or shape[1] < 2):
+        raise NotTrainable("a 2D image does not fit a 3D dataset")
+    if shape[0] not in (1, 3):
+        raise NotTrainable(f"{shape[0]} channels are not supported (1 or 3)")
+
+
+def normalize(pixels: np.ndarray, modality: str, norm: dict[str, Any] | None) -> np.ndarray:
+    """Intensity normalisation by modality; `norm` is the fingerprint's intensity entry for CT."""
+    x = pixels.astype(np.float32, copy=False)
+    if modality == "CT" and norm:
+        x = np.clip(x, norm["p00_5"], norm["p99_5"])
+        return ((x - norm["mean"]) / max(norm["std"], 1e-6)).astype(np.float32)
+    if modality in ("CT", "MR"):
+        std = float(x.std())
+        return ((x - float(x.mean())) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+
+
+def resampled_size(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
+    """Spatial size after resampling from `spacing` to `target` (same physical extent)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def to_training_sample(
+    pixels: np.ndarray,
+    spacing: tuple[float, ...],
+    modality: str,
+    config: PreprocessConfig,
+    mask: np.ndarray | None = None,
+    norm: dict[str, Any] | None = None,
+    target_spacing: tuple[float, ...] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One archive image (C,Y,X or C,Z,Y,X; native dtype/HU) -> float32 (channels, *shape) and uint8 mask."""
+    check_kind(pixels.shape, config)
+    x = normalize(convert_channels(pixels, config.channels), modality, norm)
+    m = None if mask is None else mask[:1].astype(np.float32)
+    spatial = tuple(config.shape)
+    if config.kind == "3d":
+        if target_spacing is not None:
+            size = resampled_size(x.shape[1:], spacing, target_spacing)
+            if size != tuple(x.shape[1:]):
+                x = _np(Resize(size, mode="trilinear")(x))
+                m = None if m is None else _np(Resize(size, mode="nearest")(m))
+        x = _np(ResizeWithPadOrCrop(spatial, mode="edge")(x))
+        m = None if m is None else _np(ResizeWithPadOrCrop(spatial)(m))
+    elif config.fit == "resize":
+        if tuple(x.shape[1:]) != spatial:
+            x = _np(Resize(spatial, mode="area")(x))
+            m = None if m is None else _np(Resize(spatial, mode="nearest")(m))
+    else:
+        x = _np(ResizeWithPadOrCrop(spatial, mode="edge")(x))
+        m = None if m is None else _np(ResizeWithPadOrCrop(spatial)(m))
+    return x.astype(np.float32), None if m is None else np.rint(m).astype(np.uint8)
+
+
+def _np(value: Any) -> np.ndarray:
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)

@@ -1,0 +1,46 @@
+"""Readers: turn DICOM files/series, NIfTI volumes and raster images into :class:`DecodedImage`.
+
+All readers take ``(path(s), fs)`` and open files through ``fs.open(path, "rb")``, so local and
+object-store (``s3://``) inputs behave the same. Failures raise :class:`UnreadableFile`.
+"""
+
+from __future__ import annotations
+
+import fsspec
+
+from .base import DecodedImage, QuarantineReason, UnreadableFile
+from .dicom import read_dicom_file
+from .nifti import read_nifti
+from .probe import FileProbe, kind_from_path, probe_file
+from .raster import read_raster
+from .series import group_series, read_dicom_series
+
+UNIT_KINDS = ("dicom-series", "dicom-file", "nifti", "raster")
+
+__all__ = [
+    "UNIT_KINDS",
+    "DecodedImage",
+    "FileProbe",
+    "QuarantineReason",
+    "UnreadableFile",
+    "group_series",
+    "kind_from_path",
+    "probe_file",
+    "read_dicom_file",
+    "read_dicom_series",
+    "read_nifti",
+    "read_raster",
+    "read_unit",
+]
+
+
+def read_unit(kind: str, paths: list[str], fs: fsspec.AbstractFileSystem) -> DecodedImage:
+    """Decode one unit of work: ``kind`` in UNIT_KINDS; single-file kinds take exactly one path."""
+    if kind == "dicom-series":
+        return read_dicom_series(paths, fs)
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"unknown unit kind {kind!r}; expected one of {UNIT_KINDS}")
+    if len(paths) != 1:
+        raise ValueError(f"unit kind {kind!r} takes one path, got {len(paths)}")
+    reader = {"dicom-file": read_dicom_file, "nifti": read_nifti, "raster": read_raster}[kind]
+    return reader(paths[0], fs)

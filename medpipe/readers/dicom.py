@@ -1,0 +1,382 @@
+"""Decode one DICOM file (single- or multi-frame) into a channel-first :class:`DecodedImage`.
+
+Compressed transfer syntaxes are decoded by pydicom's pixel decoders: JPEG Baseline/Extended
+(Pillow or pylibjpeg-libjpeg), JPEG Lossless (.57/.70) and JPEG-LS (pylibjpeg-libjpeg),
+JPEG 2000 / HTJ2K (pylibjpeg-openjpeg or Pillow), RLE Lossless (pydicom or pylibjpeg-rle).
+The helpers here (parsing with truncation checks, frame decoding, rescale, geometry) are shared
+with :mod:`medpipe.readers.series` and :mod:`medpipe.readers.probe`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+import fsspec
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
+from pydicom.pixels.decoders.base import get_decoder
+
+from .base import DecodedImage, QuarantineReason, UnreadableFile
+
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+
+class EOFGuard:
+    """Binary file wrapper noting reads cut short by end-of-file and seeks past it.
+
+    Written by hand because pydicom's element reader silently stops at EOF and keeps short values,
+    so a truncated header would otherwise parse "successfully".
+    """
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self.size = size
+        self.hit_eof = False
+        self.name = "<dicom>"  # pydicom reads `name`; never expose the real path (PHI)
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self._f.read() if n is None or n < 0 else self._f.read(n)
+        # A 0-byte read of an 8-byte tag header is pydicom's normal end-of-dataset probe.
+        if n is not None and n > 0 and len(data) < n and not (len(data) == 0 and n == 8):
+            self.hit_eof = True
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = self._f.seek(offset, whence)
+        pos = self._f.tell() if pos is None else pos
+        if pos > self.size:
+            self.hit_eof = True
+        return pos
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def has_dicm_preamble(head: bytes) -> bool:
+    """True when the Part 10 "DICM" magic sits after the 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def looks_like_raw_dataset(head: bytes) -> bool:
+    """Sniff a preamble-less dataset: first element in group 0002 or 0008, either endianness.
+
+    Hand-written because ``dcmread(force=True)`` accepts any bytes and produces garbage elements.
+    """
+    if len(head) < 8:
+        return False
+    return struct.unpack("<H", head[:2])[0] in (0x0002, 0x0008) or struct.unpack(">H", head[:2])[0] in (
+        0x0002,
+        0x0008,
+    )
+
+
+def parse_dicom(fp: BinaryIO, size: int, **dcmread_kwargs: Any) -> pydicom.Dataset:
+    """Parse a DICOM dataset from ``fp`` (``size`` bytes), raising :class:`UnreadableFile`.
+
+    Reasons: not_dicom (no preamble and not a raw dataset), truncated (file ends inside the
+    dataset), decode_error (DICM present but the header cannot be parsed).
+    """
+    start = fp.tell()
+    head = fp.read(132)
+    fp.seek(start)
+    preamble = has_dicm_preamble(head)
+    if not preamble and not looks_like_raw_dataset(head):
+        raise UnreadableFile(QuarantineReason.not_dicom, f"no DICM preamble ({size} bytes)")
+    guard = EOFGuard(fp, size)
+    try:
+        ds = pydicom.dcmread(guard, force=not preamble, **dcmread_kwargs)
+    except InvalidDicomError:
+        raise UnreadableFile(QuarantineReason.not_dicom, "not a DICOM dataset") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a quarantine reason
+        if guard.hit_eof or isinstance(exc, EOFError):
+            raise UnreadableFile(QuarantineReason.truncated, f"file ends inside the header ({size} bytes)") from None
+        reason = QuarantineReason.decode_error if preamble else QuarantineReason.not_dicom
+        raise UnreadableFile(reason, f"header parse failed ({type(exc).__name__})") from None
+    if guard.hit_eof or _short_value(ds):
+        raise UnreadableFile(QuarantineReason.truncated, f"file ends inside the dataset ({size} bytes)")
+    if not preamble and len(ds) == 0:
+        raise UnreadableFile(QuarantineReason.not_dicom, "no DICOM elements")
+    return ds
+
+
+def _short_value(ds: pydicom.Dataset) -> bool:
+    """True if a raw top-level element holds fewer bytes than its declared length (cut at EOF)."""
+    for elem in ds.elements():
+        length = getattr(elem, "length", None)
+        value = elem.value
+        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+            return True
+    return False
+
+
+def load_dataset(path: str, fs: fsspec.AbstractFileSystem) -> pydicom.Dataset:
+    """Read the whole file in one request and parse it fully (pixels included)."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    return parse_dicom(io.BytesIO(data), len(data))
+
+
+def strip_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Delete pixel data (and overlay bitmaps, which may hold burned-in text) from ``ds`` in place."""
+    for tag in list(ds.keys()):
+        if int(tag) in PIXEL_TAGS or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000):
+            del ds[tag]
+    return ds
+
+
+def get_float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """Return a numeric element as float, or None when absent/empty/malformed."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def get_floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
+    """Return a multi-valued numeric element as ``n`` floats, or None."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        out = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value]))
+        return out if len(out) == n and all(np.isfinite(out)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _fg_item(ds: pydicom.Dataset, group_keyword: str, seq_keyword: str, frame: int | None = None):
+    """First item of ``seq_keyword`` in the per-frame (``frame``) or shared functional groups."""
+    try:
+        groups = ds.get(group_keyword)
+        if not groups:
+            return None
+        item = groups[frame if frame is not None else 0]
+        seq = item.get(seq_keyword)
+        return seq[0] if seq else None
+    except (IndexError, AttributeError, TypeError):
+        return None
+
+
+def _lookup(ds: pydicom.Dataset, seq_keyword: str, keyword: str, frame: int = 0):
+    """Find ``keyword`` in per-frame, then shared functional groups, then the top level."""
+    for source in (
+        _fg_item(ds, "PerFrameFunctionalGroupsSequence", seq_keyword, frame),
+        _fg_item(ds, "SharedFunctionalGroupsSequence", seq_keyword),
+        ds,
+    ):
+        if source is not None and keyword in source:
+            return source
+    return None
+
+
+def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    """(dy, dx) from PixelSpacing (also in functional groups), then ImagerPixelSpacing, else 1.0."""
+    src = _lookup(ds, "PixelMeasuresSequence", "PixelSpacing")
+    for source, keyword in ((src, "PixelSpacing"), (ds, "ImagerPixelSpacing")):
+        if source is not None and (values := get_floats(source, keyword, 2)) and min(values) > 0:
+            return values[0], values[1]
+    return 1.0, 1.0
+
+
+def orientation_cosines(ds: pydicom.Dataset) -> np.ndarray | None:
+    """ImageOrientationPatient as a (2, 3) array of unit row/column cosines, or None."""
+    src = _lookup(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+    values = get_floats(src, "ImageOrientationPatient", 6) if src is not None else None
+    if values is None:
+        return None
+    cos = np.asarray(values, dtype=np.float64).reshape(2, 3)
+    norms = np.linalg.norm(cos, axis=1)
+    if np.any(norms < 1e-6):
+        return None
+    return cos / norms[:, None]
+
+
+def build_affine(cos: np.ndarray, origin: Sequence[float], dy: float, dx: float, step: np.ndarray) -> np.ndarray:
+    """4x4 affine mapping index (x, y, z) to LPS patient coordinates (mm).
+
+    Column x follows the row cosines (spacing dx), y the column cosines (dy), z the slice ``step``.
+    """
+    affine = np.eye(4)
+    affine[:3, 0] = cos[0] * dx
+    affine[:3, 1] = cos[1] * dy
+    affine[:3, 2] = step
+    affine[:3, 3] = origin
+    return affine
+
+
+def lps_axcodes(affine: np.ndarray) -> str:
+    """Axis codes of the index axes for an LPS affine (e.g. "LPS" for a plain axial stack)."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine, labels=(("R", "L"), ("A", "P"), ("I", "S"))))
+
+
+def _decode_error(exc: Exception) -> UnreadableFile:
+    text = str(exc)
+    if isinstance(exc, EOFError) or "less than expected" in text or "truncat" in text.lower():
+        return UnreadableFile(QuarantineReason.truncated, f"pixel data shorter than expected ({type(exc).__name__})")
+    return UnreadableFile(QuarantineReason.decode_error, f"pixel decode failed ({type(exc).__name__})")
+
+
+def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Decode all frames to (frames, Y, X, C) stored values: colour as RGB, MONOCHROME1 inverted.
+
+    pydicom 3 already converts YBR_FULL/YBR_FULL_422 to RGB (``raw=False``); the decoder's
+    metadata tells us the photometric interpretation of what it returned, so we only convert
+    when it did not.
+    """
+    if not any(int(t) in PIXEL_TAGS for t in ds.keys()):
+        raise UnreadableFile(QuarantineReason.no_pixel_data, "no PixelData element")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax is None:  # preamble-less file without meta: the encoding we parsed it with tells
+        is_implicit, is_little = ds.original_encoding
+        tsyntax = pydicom.uid.ImplicitVRLittleEndian if is_implicit else (
+            pydicom.uid.ExplicitVRLittleEndian if is_little else pydicom.uid.ExplicitVRBigEndian
+        )
+        ds.file_meta.TransferSyntaxUID = tsyntax
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise UnreadableFile(QuarantineReason.decode_error, "unsupported transfer syntax") from None
+    if not decoder.is_available:
+        raise UnreadableFile(QuarantineReason.decode_error, "no decoder plugin installed for transfer syntax")
+    try:
+        arr, meta = decoder.as_array(ds, raw=False)
+        photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+        frames = int(meta.get("number_of_frames") or 1)
+        samples = int(meta.get("samples_per_pixel") or 1)
+        if photometric in ("YBR_FULL", "YBR_FULL_422") and samples == 3:
+            arr = convert_color_space(arr, photometric, "RGB", per_frame=frames > 1)
+        elif photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+            samples = 3
+    except UnreadableFile:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise many exception types
+        raise _decode_error(exc) from None
+    arr = arr.reshape(frames, int(meta["rows"]), int(meta["columns"]), samples)
+    if not arr.dtype.isnative:  # big-endian transfer syntax: hand numpy-native data downstream
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if photometric == "MONOCHROME1":
+        arr = invert_monochrome1(arr, ds)
+    return arr
+
+
+def invert_monochrome1(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Map MONOCHROME1 stored values onto the MONOCHROME2 convention (low = dark), keeping dtype.
+
+    Done on stored values (before rescale) so the dtype and value range are preserved; pydicom has
+    no helper for this (its presentation LUT only handles PresentationLUTShape).
+    """
+    if arr.dtype.kind == "f":
+        return arr.max() + arr.min() - arr
+    if arr.dtype.kind == "i":
+        return ~arr  # -x - 1: mirrors the signed range [-2^(n-1), 2^(n-1) - 1] onto itself
+    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    top = np.asarray(min((1 << bits) - 1, np.iinfo(arr.dtype).max), dtype=arr.dtype)
+    return top - np.minimum(arr, top)
+
+
+def rescale_params(ds: pydicom.Dataset, frame: int = 0) -> tuple[float, float] | None:
+    """(slope, intercept) for ``frame`` from functional groups or the top level; None if absent."""
+    src = _lookup(ds, "PixelValueTransformationSequence", "RescaleSlope", frame)
+    if src is None:
+        src = _lookup(ds, "PixelValueTransformationSequence", "RescaleIntercept", frame)
+    if src is None:
+        return None
+    slope = get_float(src, "RescaleSlope")
+    intercept = get_float(src, "RescaleIntercept")
+    return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
+def to_modality_values(arr: np.ndarray, ds: pydicom.Dataset, modality: str) -> np.ndarray:
+    """Apply the modality LUT / rescale to (frames, Y, X, C) stored values.
+
+    CT always becomes float32 HU; other modalities become float32 only when a non-identity
+    rescale is present, else keep their native dtype. Rescale is applied per frame by hand
+    (float32) because pydicom's ``apply_rescale`` only reads top-level attributes (enhanced
+    multi-frame keeps them per frame) and returns float64.
+    """
+    if arr.shape[-1] != 1:  # colour data has no modality LUT
+        return arr
+    if "ModalityLUTSequence" in ds and ds.ModalityLUTSequence:
+        out = apply_modality_lut(arr, ds)
+        return out.astype(np.float32) if modality == "CT" else out
+    params = [rescale_params(ds, i) for i in range(arr.shape[0])]
+    identity = all(p is None or p == (1.0, 0.0) for p in params)
+    if identity and modality != "CT":
+        return arr
+    out = arr.astype(np.float32)
+    if not identity:
+        for i, p in enumerate(params):
+            if p is not None and p != (1.0, 0.0):
+                out[i] *= np.float32(p[0])
+                out[i] += np.float32(p[1])
+    return out
+
+
+def frame_positions(ds: pydicom.Dataset, frames: int) -> np.ndarray | None:
+    """(frames, 3) ImagePositionPatient per frame from functional groups, or None."""
+    positions = []
+    for i in range(frames):
+        item = _fg_item(ds, "PerFrameFunctionalGroupsSequence", "PlanePositionSequence", i)
+        pos = get_floats(item, "ImagePositionPatient", 3) if item is not None else None
+        if pos is None:
+            return None
+        positions.append(pos)
+    return np.asarray(positions, dtype=np.float64)
+
+
+def _multiframe_geometry(ds: pydicom.Dataset, frames: int, dy: float, dx: float):
+    """(dz, affine, orientation) for a multi-frame file; dz falls back to 1.0, affine to None."""
+    cos = orientation_cosines(ds)
+    positions = frame_positions(ds, frames)
+    dz = None
+    if cos is not None and positions is not None:
+        keys = positions @ np.cross(cos[0], cos[1])
+        diffs = np.abs(np.diff(keys))
+        if diffs.size and np.median(diffs) > 1e-6:
+            dz = float(np.median(diffs))
+    if dz is None and (offsets := ds.get("GridFrameOffsetVector")) and len(offsets) == frames:
+        diffs = np.abs(np.diff(np.asarray(offsets, dtype=np.float64)))  # RT Dose grids
+        dz = float(np.median(diffs)) if np.median(diffs) > 1e-6 else None
+    if dz is None:
+        for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+            src = _lookup(ds, "PixelMeasuresSequence", keyword)
+            if src is not None and (value := get_float(src, keyword)) and value > 0:
+                dz = value
+                break
+    dz = dz or 1.0
+    if cos is None or positions is None:
+        return dz, None, None
+    step = (positions[-1] - positions[0]) / (frames - 1)
+    affine = build_affine(cos, positions[0], dy, dx, step)
+    return dz, affine, lps_axcodes(affine)
+
+
+def read_dicom_file(path: str, fs: fsspec.AbstractFileSystem) -> DecodedImage:
+    """Decode one DICOM file: 2D -> (C, Y, X); multi-frame (NumberOfFrames > 1) -> (C, Z, Y, X)."""
+    ds = load_dataset(path, fs)
+    modality = str(ds.get("Modality") or "OT").upper()
+    stored = decode_pixels(ds)  # (frames, Y, X, C)
+    values = to_modality_values(stored, ds, modality)
+    del stored
+    dy, dx = pixel_spacing(ds)
+    frames = values.shape[0]
+    pixels = np.ascontiguousarray(np.moveaxis(values, -1, 0))  # (C, frames, Y, X)
+    if frames == 1:
+        image = DecodedImage(pixels[:, 0], (dy, dx), modality, None)
+    else:
+        dz, affine, orientation = _multiframe_geometry(ds, frames, dy, dx)
+        image = DecodedImage(pixels, (dz, dy, dx), modality, None, affine, orientation)
+    image.header = strip_pixels(ds)
+    return image

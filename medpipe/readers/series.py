@@ -1,0 +1,150 @@
+"""Read one DICOM series (all instances of a SeriesInstanceUID) into a (C, Z, Y, X) volume.
+
+Slices are sorted ascending along the slice normal (cross product of the row/column cosines),
+falling back to InstanceNumber when geometry is missing. Each file is fetched once; the modality
+rescale is applied per slice because slope/intercept may differ between slices.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+import numpy as np
+import pydicom
+
+from .base import DecodedImage, QuarantineReason, UnreadableFile
+from .dicom import (
+    build_affine,
+    decode_pixels,
+    get_float,
+    get_floats,
+    load_dataset,
+    lps_axcodes,
+    orientation_cosines,
+    pixel_spacing,
+    strip_pixels,
+    to_modality_values,
+)
+from .probe import FileProbe
+
+_POSITION_TOL_MM = 1e-3  # slices closer than this along the normal count as the same position
+_ORIENTATION_TOL = 1e-4
+
+
+def group_series(probes: Iterable[FileProbe]) -> dict[str, list[FileProbe]]:
+    """Group DICOM probes by SeriesInstanceUID (lists sorted by path).
+
+    Non-DICOM probes and probes without a SeriesInstanceUID are left out: they are single files.
+    """
+    groups: dict[str, list[FileProbe]] = defaultdict(list)
+    for probe in probes:
+        if probe.kind == "dicom" and probe.series_instance_uid:
+            groups[probe.series_instance_uid].append(probe)
+    return {uid: sorted(items, key=lambda p: p.path) for uid, items in groups.items()}
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"file", "local"} & set(protocols))
+
+
+def _load_all(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> list[pydicom.Dataset]:
+    """Fetch and parse every file once; remote stores are fetched concurrently (latency bound)."""
+
+    def load(indexed: tuple[int, str]) -> pydicom.Dataset:
+        index, path = indexed
+        try:
+            return load_dataset(path, fs)
+        except UnreadableFile as exc:  # say which slice, never which path (paths may hold PHI)
+            raise UnreadableFile(exc.reason, f"slice {index} of {len(paths)}: {exc.detail}") from None
+
+    if len(paths) > 1 and not _is_local(fs):
+        with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+            return list(pool.map(load, enumerate(paths)))
+    return [load(item) for item in enumerate(paths)]
+
+
+def _int_attr(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_sizes(datasets: list[pydicom.Dataset]) -> None:
+    sizes = {(_int_attr(ds, "Rows"), _int_attr(ds, "Columns"), _int_attr(ds, "SamplesPerPixel") or 1) for ds in datasets}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{r}x{c}x{s}" for r, c, s in sorted(sizes, key=str))
+        raise UnreadableFile(QuarantineReason.mixed_series_sizes, f"slice sizes differ: {shown}")
+    if any((_int_attr(ds, "NumberOfFrames") or 1) > 1 for ds in datasets):
+        raise UnreadableFile(QuarantineReason.decode_error, "multi-frame instance inside a series")
+
+
+def _geometry(datasets: list[pydicom.Dataset], dy: float, dx: float):
+    """Return (order, dz, affine, orientation); affine/orientation None without geometry."""
+    n = len(datasets)
+    cos = orientation_cosines(datasets[0])
+    positions = [get_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
+    cosines = [orientation_cosines(ds) for ds in datasets]
+    if cos is not None and all(p is not None for p in positions) and all(c is not None for c in cosines):
+        if any(np.abs(c - cos).max() > _ORIENTATION_TOL for c in cosines):
+            raise UnreadableFile(QuarantineReason.decode_error, "slices have different orientations")
+        pos = np.asarray(positions, dtype=np.float64)
+        normal = np.cross(cos[0], cos[1])
+        keys = pos @ normal
+        order = np.argsort(keys, kind="stable")
+        diffs = np.diff(keys[order])
+        if diffs.size and diffs.min() < _POSITION_TOL_MM:
+            dup = int(np.sum(diffs < _POSITION_TOL_MM))
+            raise UnreadableFile(QuarantineReason.decode_error, f"{dup} slice pair(s) share a position along the normal")
+        dz = float(np.median(diffs)) if diffs.size else (_thickness(datasets[0]) or 1.0)
+        step = (pos[order[-1]] - pos[order[0]]) / (n - 1) if n > 1 else normal * dz
+        affine = build_affine(cos, pos[order[0]], dy, dx, step)
+        return [int(i) for i in order], dz, affine, lps_axcodes(affine)
+    numbers = [_int_attr(ds, "InstanceNumber") for ds in datasets]
+    order = sorted(range(n), key=lambda i: (numbers[i] is None, numbers[i] or 0, i))
+    return order, _thickness(datasets[0]) or 1.0, None, None
+
+
+def _thickness(ds: pydicom.Dataset) -> float | None:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = get_float(ds, keyword)
+        if value is not None and value > 0:
+            return value
+    return None
+
+
+def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> DecodedImage:
+    """Decode all slices of one series to (C, Z, Y, X); CT as float32 HU, others native dtype.
+
+    Raises ``mixed_series_sizes`` when Rows/Columns differ and ``decode_error`` when two slices
+    share a position (duplicate SOP instances are removed by the caller beforehand).
+    """
+    if not paths:
+        raise UnreadableFile(QuarantineReason.decode_error, "empty series")
+    datasets = _load_all(paths, fs)
+    _check_sizes(datasets)
+    dy, dx = pixel_spacing(datasets[0])
+    order, dz, affine, orientation = _geometry(datasets, dy, dx)
+    modality = str(datasets[order[0]].get("Modality") or "OT").upper()
+
+    slices: list[np.ndarray] = []
+    for z, index in enumerate(order):
+        ds = datasets[index]
+        try:
+            slices.append(to_modality_values(decode_pixels(ds), ds, modality)[0])  # (Y, X, C)
+        except UnreadableFile as exc:
+            raise UnreadableFile(exc.reason, f"slice {index} of {len(paths)}: {exc.detail}") from None
+        if z:  # keep the first header, free the others' pixel bytes as we go
+            strip_pixels(ds)
+    dtypes = {s.dtype for s in slices}
+    dtype = np.float32 if modality == "CT" or any(d.kind == "f" for d in dtypes) else np.result_type(*dtypes)
+    volume = np.empty((slices[0].shape[-1], len(slices), *slices[0].shape[:2]), dtype=dtype)
+    for z, values in enumerate(slices):
+        volume[:, z] = np.moveaxis(values, -1, 0)
+    header = strip_pixels(datasets[order[0]])
+    return DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation)

@@ -1,0 +1,229 @@
+"""The medpipe Zarr store: opening (local or s3://), codecs, archive images, training arrays, sample table.
+
+Layout (see docs/store.md):
+    STORE/ attrs["medpipe"]          schema version, config, fingerprint, code version, content hash, counts
+    STORE/archive/<unit>/            one OME-Zarr (NGFF 0.5) image per de-identified image/series, native resolution
+    STORE/training/{images,labels,masks}   fixed-shape arrays, chunks = blocks of samples, sharded
+    STORE/samples/<column>           per-sample table aligned with training/
+    STORE/reports/*.json             accounting, quarantine, exclusions, audit (no PHI)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable, Mapping
+
+import fsspec
+import numpy as np
+import zarr
+import zarr.codecs as zc
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+from medpipe import __version__
+from medpipe.config import StoreConfig
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "medpipe"
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+STRING_COLUMNS = ("patient", "study", "series", "unit", "source_hash", "modality")
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete or not a medpipe store."""
+
+
+def open_store(url: str, mode: str = "r") -> zarr.Group:
+    """Root group of a store at a local path or fsspec URL (s3:// through s3fs)."""
+    try:
+        return zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"no medpipe store at {url}") from exc
+
+
+def store_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and root path of a store URL."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def compressors(config: StoreConfig) -> tuple[Any, ...]:
+    """Codec chain chosen by config: Blosc (byte shuffle) with zstd or lz4, or none (see docs/benchmarks.md)."""
+    if config.codec == "none":
+        return ()
+    return (zc.BloscCodec(cname=config.codec, clevel=config.level, shuffle="shuffle"),)
+
+
+def write_json(url: str, relative: str, payload: Any) -> None:
+    """Write a JSON document next to the arrays (reports/, work/); overwrite as one object."""
+    fs, root = store_fs(url)
+    path = f"{root}/{relative}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(payload, indent=1, sort_keys=True).encode())
+
+
+def read_json(url: str, relative: str) -> Any | None:
+    """Read a JSON document from the store; None when absent or unreadable (e.g. cut off by a kill)."""
+    fs, root = store_fs(url)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{relative}"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def remove_path(url: str, relative: str) -> None:
+    """Delete a file or folder of the store if present."""
+    fs, root = store_fs(url)
+    path = f"{root}/{relative}"
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _axes(ndim: int) -> list[dict[str, str]]:
+    names = ["c", "z", "y", "x"][-ndim:] if ndim == 4 else ["c", "y", "x"]
+    return [{"name": "c", "type": "channel"}] + [
+        {"name": n, "type": "space", "unit": "millimeter"} for n in names[1:]
+    ]
+
+
+def array_checksum(*arrays: np.ndarray) -> str:
+    """sha256 over dtype, shape and bytes of arrays."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_archive_image(
+    root: zarr.Group,
+    unit_id: str,
+    pixels: np.ndarray,
+    spacing: tuple[float, ...],
+    config: StoreConfig,
+    mask: np.ndarray | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """One de-identified image at native resolution as an OME-Zarr image group (+ its mask as a label image).
+
+    Arrays are written with zarr directly and the NGFF 0.5 metadata with ome-zarr's metadata writers: ome-zarr's
+    write_image goes through dask and builds a pyramid, ~60 ms per image here, too slow for 10k small files.
+    """
+    group = root.require_group("archive").create_group(unit_id, overwrite=True)
+    scale = [1.0, *map(float, spacing)]
+    fmt = FormatV05()
+    image = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=_archive_chunks(pixels.shape),
+                               compressors=compressors(config))
+    image[...] = pixels
+    write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                               fmt=fmt, axes=_axes(pixels.ndim), name="image")
+    if mask is not None:
+        labels = group.create_group("labels")
+        label_group = labels.create_group("mask")
+        arr = label_group.create_array("0", shape=mask.shape, dtype=mask.dtype, chunks=_archive_chunks(mask.shape),
+                                       compressors=compressors(config))
+        arr[...] = mask
+        write_multiscales_metadata(label_group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                                   fmt=fmt, axes=_axes(mask.ndim), name="mask")
+        write_label_metadata(labels, "mask", fmt=fmt)
+        labels.attrs["ome"] = {"version": fmt.version, "labels": ["mask"]}
+    if attrs:
+        group.attrs[ATTRS_KEY] = dict(attrs)
+
+
+def _archive_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Whole 2D images in one chunk; volumes in chunks of up to 64 slices."""
+    if len(shape) == 4:
+        return (shape[0], min(shape[1], 64), shape[2], shape[3])
+    return tuple(shape)
+
+
+def read_archive_image(root: zarr.Group, unit_id: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Pixels, mask (or None) and medpipe attributes of one archive image."""
+    group = root["archive"][unit_id]
+    pixels = group["0"][...]
+    mask = group["labels/mask/0"][...] if "labels" in group else None
+    return pixels, mask, dict(group.attrs.get(ATTRS_KEY, {}))
+
+
+def samples_per_chunk(sample_shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> int:
+    """Samples in one training chunk: a power of two near chunk_bytes, at least one (large 3D volumes)."""
+    per_sample = int(np.prod(sample_shape)) * itemsize
+    n = max(1, chunk_bytes // per_sample)
+    return 1 << (n.bit_length() - 1)
+
+
+def create_training_arrays(
+    root: zarr.Group, n: int, sample_shape: tuple[int, ...], with_masks: bool, config: StoreConfig
+) -> int:
+    """Create empty training/{images,labels,masks}; returns samples per shard (the unit of one writing task)."""
+    spc = samples_per_chunk(sample_shape, 4, config.chunk_bytes)
+    per_shard = spc * config.chunks_per_shard
+    training = root.create_group("training", overwrite=True)
+    comp = compressors(config)
+    shard_n = max(spc, min(per_shard, _round_up(max(n, 1), spc)))
+    training.create_array("images", shape=(n, *sample_shape), dtype="float32", chunks=(spc, *sample_shape),
+                          shards=(shard_n, *sample_shape), compressors=comp, fill_value=0.0)
+    training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1)
+    if with_masks:
+        mask_shape = (1, *sample_shape[1:])
+        training.create_array("masks", shape=(n, *mask_shape), dtype="uint8", chunks=(spc, *mask_shape),
+                              shards=(shard_n, *mask_shape), compressors=comp, fill_value=0)
+    return shard_n
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def write_sample_table(root: zarr.Group, table: Mapping[str, np.ndarray]) -> None:
+    """Write the per-sample table as one 1-D (or N x k) array per column under samples/."""
+    group = root.create_group("samples", overwrite=True)
+    for name, values in table.items():
+        values = np.asarray(values)
+        dtype = str if name in STRING_COLUMNS else values.dtype
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape if values.size else None)
+        if values.size:
+            arr[...] = values.astype(object) if dtype is str else values
+    group.attrs["split_codes"] = SPLIT_CODES
+
+
+def read_sample_table(url_or_root: str | zarr.Group) -> dict[str, np.ndarray]:
+    """The per-sample table as numpy arrays (strings as object/str arrays)."""
+    root = open_store(url_or_root) if isinstance(url_or_root, str) else url_or_root
+    if "samples" not in root:
+        raise StoreError("store has no per-sample table (samples/): was ingestion completed?")
+    group = root["samples"]
+    return {name: np.asarray(group[name][...]) for name in sorted(group.array_keys())}
+
+
+def store_attrs(url_or_root: str | zarr.Group) -> dict[str, Any]:
+    """The medpipe attributes of a store's root group (empty when not a medpipe store)."""
+    root = open_store(url_or_root) if isinstance(url_or_root, str) else url_or_root
+    return dict(root.attrs.get(ATTRS_KEY, {}))
+
+
+def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
+    """sha256 over the training arrays, the sample table, archive checksums and `extra` strings.
+
+    Depends only on data (not on timestamps, chunk write order or metadata formatting), so a rerun or a resumed
+    run yields the same hash, and any change of data changes it.
+    """
+    h = hashlib.sha256()
+    if "training" in root:
+        training = root["training"]
+        for name in sorted(training.array_keys()):
+            arr = training[name]
+            h.update(f"{name}{arr.dtype}{arr.shape}".encode())
+            step = max(1, arr.chunks[0] * 8)
+            for start in range(0, arr.shape[0], step):
+                h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
+    if "samples" in root:
+        for name, values in read_sample_table(root).items():
+            h.update(name.encode())
+            h.update("\x1f".join(map(str, values.ravel().tolist())).encode())
+    for item in extra:
+        h.update(item.encode())
+    return h.hexdigest()

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import dask_task_runner, gather, load_key
+from flows.runtime import dask_task_runner, gather, load_key, shared_api_server
 from medpipe.config import IngestConfig
 from medpipe.ingest.pipeline import collect_archive, unit_shards
 from medpipe.report import ingest_markdown
@@ -48,8 +48,9 @@ def run_ingest(source: str, store: str, config: IngestConfig, key_secret: str | 
                show_progress: bool = False) -> dict[str, Any]:
     """Run the flow on the configured Dask cluster (local by default, `config.scheduler` when set)."""
     runner = dask_task_runner(config.scheduler, config.workers)
-    return ingest_flow.with_options(task_runner=runner)(
-        source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress)
+    with shared_api_server():
+        return ingest_flow.with_options(task_runner=runner)(
+            source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress)
 
 
 if __name__ == "__main__":

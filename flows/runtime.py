@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
@@ -12,6 +13,52 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medpipe.deid import DeidKey, resolve_key
 
 SCHEDULER_ENV = "MEDPIPE_DASK_SCHEDULER"
+
+
+@contextmanager
+def shared_api_server() -> Iterator[str]:
+    """One Prefect API for the flow and its Dask worker processes.
+
+    Without a configured PREFECT_API_URL, Prefect starts a temporary (embedded) server per process, so every Dask
+    worker would start its own (~5 s each) and report task runs to a different database. We start the embedded
+    server once and export its URL, which worker processes inherit. A configured API (a real server, or the test
+    harness) is exported as it is.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    configured = get_current_settings().api.url
+    previous = os.environ.get("PREFECT_API_URL")
+    server = None
+    url = configured
+    if not url:
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        if server is not None:
+            _drain_prefect_services()
+            server.stop()
+
+
+def _drain_prefect_services() -> None:
+    """Send queued logs and events before the embedded server stops (else they retry for a minute at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
 
 
 def dask_task_runner(scheduler: str | None = None, workers: int = 2) -> DaskTaskRunner:

@@ -194,9 +194,15 @@ def _json_value(value: Any) -> Any:
     """DICOM element value as plain JSON (numbers, strings, lists)."""
     if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
         return [_json_value(v) for v in value]
-    if isinstance(value, (int, float)):
+    if isinstance(value, pydicom.valuerep.IS):
+        return int(value)
+    if isinstance(value, (pydicom.valuerep.DSfloat, pydicom.valuerep.DSdecimal)):
+        return float(value)
+    if isinstance(value, bool):
         return value
-    if isinstance(value, (pydicom.valuerep.DSfloat, pydicom.valuerep.IS)):
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
         return float(value)
     return str(value)
 

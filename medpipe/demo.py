@@ -55,10 +55,10 @@ Determinism
 All randomness comes from ``numpy.random.default_rng`` seeded with ``(seed, tag,
 indices...)`` and all UIDs are ``2.25.<128-bit hash of seed and indices>``; no
 clock is read. The same spec therefore gives byte-identical files (given the same
-library versions, since codecs and the DICOM writer are part of the bytes). Each
-patient/study/image only depends on its own indices, so changing ``patients`` or
-the per-study counts never changes the content of the files they have in common
-except for global encoding/lesion-rate patterns based on the global index.
+library versions, since codecs and the DICOM writer are part of the bytes). Pixel
+content depends only on the seed and the file's own (patient, study, image)
+indices; which X-ray is compressed and which CT series has a lesion follow the
+global index, so they shift when per-study counts change.
 
 ``write_defective_files(out)`` writes one file of each bad-input kind (plus a few
 unusual but valid files) for quarantine tests.
@@ -214,6 +214,8 @@ class DemoSummary:
     ``phi`` maps a DICOM keyword (PatientName, PatientID, InstitutionName,
     AccessionNumber, ReferringPhysicianName) to the distinct fake values written,
     in order of first use; PatientName values are DICOM PN strings like ``DOE^JOHN``.
+    Names and IDs are always listed (they are in every patient folder name); the
+    study-level values only when DICOM files were written.
     """
 
     root: str
@@ -249,9 +251,10 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoSpec) -> DemoSummary:
         _add_unique(phi["PatientName"], pat.name)
         _add_unique(phi["PatientID"], pat.pid)
         for st in pat.studies:
-            _add_unique(phi["InstitutionName"], st.institution)
-            _add_unique(phi["AccessionNumber"], st.accession)
-            _add_unique(phi["ReferringPhysicianName"], st.physician)
+            if spec.xray_per_study or spec.ct_series_per_study:  # study-level PHI lives in DICOM headers
+                _add_unique(phi["InstitutionName"], st.institution)
+                _add_unique(phi["AccessionNumber"], st.accession)
+                _add_unique(phi["ReferringPhysicianName"], st.physician)
             srng = np.random.default_rng([spec.seed, _TAG_STUDY, pat.index, st.index])
             xray_lesion = _balanced_labels(srng, spec.xray_per_study)
             png_lesion = _balanced_labels(srng, spec.png_per_study)
@@ -490,18 +493,27 @@ def _add_unique(values: list[str], value: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _max_shift(size: int) -> int:
+    return max(1, size // 32)
+
+
 @functools.lru_cache(maxsize=8)
 def _background_bank(seed: int, size: int) -> np.ndarray:
-    """``(_BANK_SIZE, size, size)`` float32 chest-like backgrounds in [0, 1] (read-only)."""
+    """``(_BANK_SIZE, size + 2m, size + 2m)`` float32 chest-like backgrounds in [0, 1] (read-only).
+
+    The margin ``m = _max_shift(size)`` lets :func:`_render_2d` crop a randomly shifted window.
+    """
     rng = np.random.default_rng([seed, _TAG_BANK, size])
-    v, u = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    m = _max_shift(size)
+    grid = np.linspace(-1 - 2.0 * m / size, 1 + 2.0 * m / size, size + 2 * m)
+    v, u = np.meshgrid(grid, grid, indexing="ij")
     edge = 2.0 / size * 1.5  # soft edge width in normalised units
 
     def inside(cu: float, cv: float, au: float, av: float) -> np.ndarray:
         d = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
         return 1.0 / (1.0 + np.exp((d - 1.0) / (edge / min(au, av) + 0.02)))
 
-    bank = np.empty((_BANK_SIZE, size, size), dtype=np.float32)
+    bank = np.empty((_BANK_SIZE, size + 2 * m, size + 2 * m), dtype=np.float32)
     for b in range(_BANK_SIZE):
         j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - small jitter helper
         img = 0.06 + 0.46 * inside(j(0.03), 0.1 + j(0.03), 0.88 + j(0.05), 1.05 + j(0.05))
@@ -534,9 +546,9 @@ def _render_2d(
 ) -> np.ndarray:
     """One 2D image in [0, 1] (float32): shifted/scaled bank background + noise + optional blob."""
     bg = bank[int(rng.integers(len(bank)))]
-    max_shift = max(1, size // 32)
-    dy, dx = (int(x) for x in rng.integers(-max_shift, max_shift + 1, size=2))
-    img = np.roll(bg, (dy, dx), axis=(0, 1)) * np.float32(rng.uniform(0.92, 1.08))
+    m = _max_shift(size)
+    dy, dx = (int(x) for x in rng.integers(0, 2 * m + 1, size=2))
+    img = bg[dy : dy + size, dx : dx + size] * np.float32(rng.uniform(0.92, 1.08))
     img += np.float32(rng.uniform(-0.03, 0.03))
     img += rng.standard_normal((size, size), dtype=np.float32) * np.float32(_XRAY_NOISE)
     if lesion is not None:
@@ -934,11 +946,11 @@ def _xray_common(pat: _Patient, st: _Study, rows: int, cols: int) -> Dataset:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelSpacing = [XRAY_PIXEL_SPACING, XRAY_PIXEL_SPACING]
     ds.ImagerPixelSpacing = [XRAY_PIXEL_SPACING, XRAY_PIXEL_SPACING]
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
     ds.RescaleType = "US"
-    ds.WindowCenter = 2048
-    ds.WindowWidth = 4096
+    ds.WindowCenter = "2048"
+    ds.WindowWidth = "4096"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     _add_pixel_module(ds, rows, cols, np.uint16, 12)
@@ -958,7 +970,7 @@ def _xray_own(
     ds.SeriesNumber = series_number
     ds.SeriesDescription = f"CHEST {view}"
     ds.ViewPosition = view
-    ds.PatientOrientation = ["L", "F"] if view == "AP" else ["R", "F"]
+    ds.PatientOrientation = ["L", "F"]
     ds.add(_pixel_data_element(pixels, transfer_syntax, 12, "MONOCHROME2"))
     return ds
 
@@ -989,19 +1001,19 @@ def _ct_common(
     ds.AcquisitionNumber = 1
     ds.BodyPartExamined = "CHEST"
     ds.PatientPosition = "HFS"
-    ds.KVP = 120
+    ds.KVP = "120"
     ds.ConvolutionKernel = "STANDARD"
     ds.SliceThickness = CT_SLICE_THICKNESS
     ds.SpacingBetweenSlices = CT_SLICE_THICKNESS
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.PixelSpacing = [CT_PIXEL_SPACING, CT_PIXEL_SPACING]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.RescaleIntercept = CT_RESCALE_INTERCEPT
-    ds.RescaleSlope = 1
+    ds.RescaleIntercept = str(CT_RESCALE_INTERCEPT)
+    ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
-    ds.WindowCenter = 40
-    ds.WindowWidth = 400
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
     _add_pixel_module(ds, rows, cols, np.int16, 16)
     return ds
 

@@ -10,6 +10,8 @@ from rich.console import Console
 from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import DEMO_KEY, KEY_ENV_VAR
 
+DEMO_CLASSES = ["none", "lesion"]  # declared so that "lesion" is the positive class (index 1)
+
 
 def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> dict[str, str]:
     """Generate (once) the demo dataset and ingest it; returns the paths of what was made."""
@@ -28,7 +30,7 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
     for name, pre in (("store-2d.zarr", PreprocessConfig(kind="2d", shape=(64, 64))),
                       ("store-3d.zarr", PreprocessConfig(kind="3d", shape=(32, 64, 64)))):
         store = str(out / name)
-        result = run_ingest(str(source), store, IngestConfig(preprocess=pre), show_progress=True)
+        result = run_ingest(str(source), store, IngestConfig(preprocess=pre, classes=DEMO_CLASSES), show_progress=True)
         console.print(f"[bold]store[/] {store}\n  {result['accounting']}  ({result['samples']} training samples)")
         made[name] = store
     console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from medpipe import __version__
@@ -51,7 +52,8 @@ def finalize_store(store_url: str, *, records: list[dict[str, Any]], quarantine:
     write_json(store_url, "reports/manifest_issues.json", manifest_issues)
     write_json(store_url, "reports/deid_audit.json", audit.to_dict())
     write_json(store_url, "reports/fingerprint.json", fingerprint)
-    extra = [f"{r['id']}:{r['checksum']}:{sorted(r['dicom'].items())}" for r in sorted(records, key=lambda r: r["id"])]
+    extra = [f"{r['id']}:{r['checksum']}:{json.dumps(r['dicom'], sort_keys=True)}"
+             for r in sorted(records, key=lambda r: r["id"])]
     extra += [f"q:{q['source_hash']}:{q['reason']}" for q in quarantine_public] + [f"classes:{classes}"]
     summary = {
         "schema_version": SCHEMA_VERSION,

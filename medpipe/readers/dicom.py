@@ -18,7 +18,7 @@ import fsspec
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space
+from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, convert_color_space
 from pydicom.pixels.decoders.base import get_decoder
 
 from .base import DecodedImage, QuarantineReason, UnreadableFile
@@ -68,12 +68,8 @@ def looks_like_raw_dataset(head: bytes) -> bool:
 
     Hand-written because ``dcmread(force=True)`` accepts any bytes and produces garbage elements.
     """
-    if len(head) < 8:
-        return False
-    return struct.unpack("<H", head[:2])[0] in (0x0002, 0x0008) or struct.unpack(">H", head[:2])[0] in (
-        0x0002,
-        0x0008,
-    )
+    groups = (0x0002, 0x0008)
+    return len(head) >= 8 and (struct.unpack("<H", head[:2])[0] in groups or struct.unpack(">H", head[:2])[0] in groups)
 
 
 def parse_dicom(fp: BinaryIO, size: int, **dcmread_kwargs: Any) -> pydicom.Dataset:
@@ -250,7 +246,7 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     if not decoder.is_available:
         raise UnreadableFile(QuarantineReason.decode_error, "no decoder plugin installed for transfer syntax")
     try:
-        arr, meta = decoder.as_array(ds, raw=False)
+        arr, meta = decoder.as_array(ds, validate=True, raw=False, **as_pixel_options(ds))
         photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
         frames = int(meta.get("number_of_frames") or 1)
         samples = int(meta.get("samples_per_pixel") or 1)

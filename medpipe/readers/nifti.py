@@ -35,13 +35,12 @@ def _image_class(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
     raise _fail(f"no NIfTI header ({len(raw)} bytes read)")
 
 
-def nifti_header_shape(f: BinaryIO, size: int, compressed: bool = False) -> tuple[int, int, int, int]:
+def nifti_header_shape(f: BinaryIO, size: int) -> tuple[int, int, int, int]:
     """Parse only the header of an open NIfTI file: (rows=Y, columns=X, frames=Z, channels).
 
-    ``compressed`` is a hint; the gzip magic decides. For uncompressed files the data size is
-    checked against the file size, so truncated files are caught without reading them.
+    gzip is detected by its magic number. For uncompressed files the data size is checked
+    against the file size, so truncated files are caught without reading them.
     """
-    del compressed
     magic = f.read(2)
     f.seek(0)
     gz = magic == _GZIP_MAGIC
@@ -58,8 +57,9 @@ def nifti_header_shape(f: BinaryIO, size: int, compressed: bool = False) -> tupl
         raise _fail(f"bad NIfTI header ({type(exc).__name__})") from None
     if not shape or min(shape) < 1:
         raise _fail("empty NIfTI shape")
-    if not gz and offset + int(np.prod(shape)) * itemsize > size:
-        raise _fail(f"truncated: data needs {int(np.prod(shape)) * itemsize} bytes past offset {offset}, file has {size}")
+    nbytes = int(np.prod(shape)) * itemsize
+    if not gz and offset + nbytes > size:
+        raise _fail(f"truncated: data needs {nbytes} bytes past offset {offset}, file has {size}")
     channels = int(np.prod(shape[3:])) * (min(len(dtype.names), 3) if dtype.names else 1)
     shape = shape + (1,) * (3 - len(shape))
     return shape[1], shape[0], shape[2], channels

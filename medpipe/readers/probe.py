@@ -19,6 +19,8 @@ from pydicom.uid import UID
 
 from .base import QuarantineReason, UnreadableFile
 from .dicom import PIXEL_TAGS, get_floats, parse_dicom
+from .nifti import nifti_header_shape
+from .raster import raster_header_shape
 
 Kind = Literal["dicom", "nifti", "raster"]
 
@@ -37,6 +39,7 @@ _PROBE_TAGS = [
 ]
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"}
 _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
+_PROBE_BLOCK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,17 +83,13 @@ def _dicom_like_name(path: str) -> bool:
 def probe_file(path: str, fs: fsspec.AbstractFileSystem) -> FileProbe:
     """Classify ``path`` from its header; raise :class:`UnreadableFile` when it cannot be ingested."""
     kind = kind_from_path(path)
-    with fs.open(path, "rb") as f:
+    # Small blocks: a probe needs a few KB, object stores would otherwise fetch 5 MB per file.
+    with fs.open(path, "rb", block_size=_PROBE_BLOCK) as f:
         size = f.seek(0, 2) or f.tell()
         f.seek(0)
         if kind == "nifti":
-            from .nifti import nifti_header_shape
-
-            shape = nifti_header_shape(f, size, compressed=path.lower().endswith(".gz"))
-            return _simple(path, size, kind, shape)
+            return _simple(path, size, kind, nifti_header_shape(f, size))
         if kind == "raster":
-            from .raster import raster_header_shape
-
             return _simple(path, size, kind, raster_header_shape(f, path))
         try:
             return _probe_dicom(path, f, size)

@@ -127,7 +127,7 @@ def read_raster(path: str, fs: fsspec.AbstractFileSystem) -> DecodedImage:
                 pixels = np.ascontiguousarray(np.moveaxis(_pil_to_array(img), -1, 0))
     except UnreadableFile:
         raise
-    except Exception as exc:  # noqa: BLE001 - Pillow/tifffile decoder errors vary (UnidentifiedImageError, OSError, ...)
+    except Exception as exc:  # noqa: BLE001 - Pillow/tifffile errors vary (UnidentifiedImageError, OSError...)
         raise _fail(f"cannot decode image ({type(exc).__name__})") from None
     if pixels.size == 0:
         raise _fail("empty image")

@@ -76,7 +76,9 @@ def _int_attr(ds: pydicom.Dataset, keyword: str) -> int | None:
 
 
 def _check_sizes(datasets: list[pydicom.Dataset]) -> None:
-    sizes = {(_int_attr(ds, "Rows"), _int_attr(ds, "Columns"), _int_attr(ds, "SamplesPerPixel") or 1) for ds in datasets}
+    sizes = {
+        (_int_attr(ds, "Rows"), _int_attr(ds, "Columns"), _int_attr(ds, "SamplesPerPixel") or 1) for ds in datasets
+    }
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c}x{s}" for r, c, s in sorted(sizes, key=str))
         raise UnreadableFile(QuarantineReason.mixed_series_sizes, f"slice sizes differ: {shown}")
@@ -100,7 +102,7 @@ def _geometry(datasets: list[pydicom.Dataset], dy: float, dx: float):
         diffs = np.diff(keys[order])
         if diffs.size and diffs.min() < _POSITION_TOL_MM:
             dup = int(np.sum(diffs < _POSITION_TOL_MM))
-            raise UnreadableFile(QuarantineReason.decode_error, f"{dup} slice pair(s) share a position along the normal")
+            raise UnreadableFile(QuarantineReason.decode_error, f"{dup} slice pair(s) share a position along normal")
         dz = float(np.median(diffs)) if diffs.size else (_thickness(datasets[0]) or 1.0)
         step = (pos[order[-1]] - pos[order[0]]) / (n - 1) if n > 1 else normal * dz
         affine = build_affine(cos, pos[order[0]], dy, dx, step)
@@ -132,19 +134,21 @@ def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> De
     order, dz, affine, orientation = _geometry(datasets, dy, dx)
     modality = str(datasets[order[0]].get("Modality") or "OT").upper()
 
-    slices: list[np.ndarray] = []
+    volume: np.ndarray | None = None
     for z, index in enumerate(order):
         ds = datasets[index]
         try:
-            slices.append(to_modality_values(decode_pixels(ds), ds, modality)[0])  # (Y, X, C)
+            values = to_modality_values(decode_pixels(ds), ds, modality)[0]  # (Y, X, C)
         except UnreadableFile as exc:
             raise UnreadableFile(exc.reason, f"slice {index} of {len(paths)}: {exc.detail}") from None
+        if volume is None:  # CT is float32 from the start; others follow the first slice's dtype
+            dtype = np.float32 if modality == "CT" else values.dtype
+            volume = np.empty((values.shape[-1], len(order), *values.shape[:2]), dtype=dtype)
+        elif not np.can_cast(values.dtype, volume.dtype, "safe"):  # e.g. one slice with a rescale
+            volume = volume.astype(np.float32 if values.dtype.kind == "f" else np.result_type(volume, values))
+        volume[:, z] = np.moveaxis(values, -1, 0)
         if z:  # keep the first header, free the others' pixel bytes as we go
             strip_pixels(ds)
-    dtypes = {s.dtype for s in slices}
-    dtype = np.float32 if modality == "CT" or any(d.kind == "f" for d in dtypes) else np.result_type(*dtypes)
-    volume = np.empty((slices[0].shape[-1], len(slices), *slices[0].shape[:2]), dtype=dtype)
-    for z, values in enumerate(slices):
-        volume[:, z] = np.moveaxis(values, -1, 0)
+    assert volume is not None
     header = strip_pixels(datasets[order[0]])
     return DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation)

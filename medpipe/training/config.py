@@ -1,0 +1,58 @@
+"""Training configuration (one pydantic section, recorded in every checkpoint)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medpipe.config import _Section
+
+# Fields that may differ between a run and its resumption: they change speed or where it runs, not the result.
+RUNTIME_FIELDS = frozenset({"num_workers", "cache", "cache_max_bytes", "amp", "channels_last", "compile", "device",
+                            "early_stopping_patience"})
+
+
+class TrainConfig(_Section):
+    """How `medpipe train` trains a model on a store. Defaults reach the demo quality bars in minutes on CPU."""
+
+    task: Literal["classify", "segment"] = "classify"
+    model: str = Field(default="auto", description="registry name; auto = small-cnn (classify) / small-unet (segment)")
+    epochs: int = Field(default=12, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="None = 32 (classify) / 4 (segment)")
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    scheduler: Literal["cosine", "onecycle", "none"] = "onecycle"
+    early_stopping_patience: int = Field(default=5, ge=0, description="epochs without improvement; 0 = off")
+    monitor: Literal["auto", "accuracy", "macro_f1", "dice", "val_loss"] = Field(
+        default="auto", description="auto = macro_f1 (classify) / dice (segment)")
+    class_weights: bool = Field(default=False, description="classify: weight CE by inverse train class frequency")
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0)
+    cache: Literal["auto", "memory", "none"] = Field(
+        default="auto", description="auto = hold a split's arrays in memory when under cache_max_bytes")
+    cache_max_bytes: int = Field(default=2 << 30, ge=0)
+    augment: bool = True
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto = bf16/fp16 on CUDA, off on CPU")
+    channels_last: bool = Field(default=True, description="channels-last memory format (CUDA only)")
+    compile: bool = False
+    block_window: int = Field(default=8, ge=1, description="chunk-sized blocks shuffled together per window")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def model_name(self) -> str:
+        """The registry name this config trains (resolves `auto`)."""
+        if self.model != "auto":
+            return self.model
+        return "small-cnn" if self.task == "classify" else "small-unet"
+
+    def effective_batch_size(self) -> int:
+        """Batch size (resolves None: volumes for segmentation are large, so fewer per batch)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 32 if self.task == "classify" else 4
+
+    def monitor_name(self) -> str:
+        """The validation metric that selects best.pt and drives early stopping (resolves `auto`)."""
+        if self.monitor != "auto":
+            return self.monitor
+        return "macro_f1" if self.task == "classify" else "dice"

@@ -1,0 +1,294 @@
+"""Zarr-backed training data: a map-style dataset that reads whole chunks, a block-shuffling batch sampler,
+an optional in-memory cache and MONAI dictionary augmentations.
+
+Reading sample by sample would decompress a ~1 MB chunk for every 16 KB sample; instead the DataLoader asks for a
+whole batch at once (`__getitems__`), the batch is read with one zarr slice per contiguous run of chunks, and
+`BlockShuffleSampler` draws batches from a few chunk-sized blocks at a time so one decompressed chunk serves
+several samples (a small per-process LRU of decoded chunks keeps them between the batches of one window).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import zarr
+from monai.data import set_track_meta
+from monai.transforms import (Compose, RandFlipd, RandRotated, RandScaleIntensityd, RandShiftIntensityd)
+from torch.utils.data import Dataset, Sampler
+
+from medpipe.store import SPLIT_CODES
+from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError
+
+set_track_meta(False)  # plain tensors out of MONAI transforms (as in medpipe.preprocess); metadata lives in the store
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def open_group(store_url: str, storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """Read-only root group of a store (local path or s3://; endpoint from storage_options or AWS_ENDPOINT_URL)."""
+    try:
+        if storage_options and "://" in store_url:
+            return zarr.open_group(store_url, mode="r", storage_options=storage_options)
+        return zarr.open_group(store_url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreNotCompleteError(f"no medpipe store at {store_url}") from exc
+
+
+def split_indices(root: zarr.Group, split: str) -> np.ndarray:
+    """Sorted store indices of a split ("train", "val", "test" or "all")."""
+    if "samples" not in root or "split" not in root["samples"]:
+        raise StoreNotCompleteError("store has no samples/split column: was ingestion completed?")
+    codes = np.asarray(root["samples/split"][...])
+    if split == "all":
+        return np.arange(codes.shape[0], dtype=np.int64)
+    if split not in SPLIT_CODES:
+        raise TrainingError(f"unknown split {split!r}; use one of {sorted(SPLIT_CODES)} or 'all'")
+    return np.flatnonzero(codes == SPLIT_CODES[split]).astype(np.int64)
+
+
+def _contiguous_runs(sorted_ids: np.ndarray, max_len: int | None = None) -> list[tuple[int, int]]:
+    """[first, last] pairs of runs of consecutive integers in a sorted unique array, each at most max_len long."""
+    if sorted_ids.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
+    runs = []
+    for run in np.split(sorted_ids, breaks):
+        step = max_len or run.size
+        for s in range(0, run.size, step):
+            part = run[s : s + step]
+            runs.append((int(part[0]), int(part[-1])))
+    return runs
+
+
+def default_augmentation(task: str, spatial_dims: int) -> Compose:
+    """Mild MONAI dictionary augmentations: flips, small rotations, intensity scale/shift (image only)."""
+    keys = ["image", "mask"] if task == "segment" else ["image"]
+    modes = ("bilinear", "nearest") if task == "segment" else ("bilinear",)
+    small = 0.26  # ~15 degrees
+    rotate = (RandRotated(keys=keys, range_x=small, prob=0.3, mode=modes, padding_mode="border") if spatial_dims == 2
+              else RandRotated(keys=keys, range_x=small, prob=0.25, mode=modes, padding_mode="border"))
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    return Compose([*flips, rotate,
+                    RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                    RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)])
+
+
+class ZarrImageDataset(Dataset):
+    """Samples of one split of a store as dicts {"image", "label", "mask" (segment), "index"}.
+
+    Worker-safe: no zarr handle is pickled; each process opens the store on first use (and again after a fork).
+    `cache`: "memory" loads the split's arrays once, "auto" does so when they fit `cache_max_bytes`, "none" reads
+    chunks on demand (with an LRU of `chunk_cache_bytes` of decoded chunks per process).
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        split: str = "train",
+        task: str = "classify",
+        transform: Transform | None = None,
+        cache: str = "auto",
+        cache_max_bytes: int = 2 << 30,
+        chunk_cache_bytes: int = 64 << 20,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if task not in ("classify", "segment"):
+            raise TrainingError(f"unknown task {task!r}; use 'classify' or 'segment'")
+        if cache not in ("auto", "memory", "none"):
+            raise TrainingError(f"unknown cache mode {cache!r}; use 'auto', 'memory' or 'none'")
+        self.store_url = store_url
+        self.split = split
+        self.task = task
+        self.transform = transform
+        self.storage_options = storage_options
+        self.chunk_cache_bytes = chunk_cache_bytes
+        self._root: zarr.Group | None = None
+        self._pid: int | None = None
+        self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lru_bytes = 0
+        root = self._group()
+        if "training" not in root or "images" not in root["training"]:
+            raise StoreNotCompleteError(f"{store_url} has no training/images array: was ingestion completed?")
+        images = root["training/images"]
+        self.indices = split_indices(root, split)
+        self.n_total = int(images.shape[0])
+        self.sample_shape = tuple(int(s) for s in images.shape[1:])
+        self.chunk_len = int(images.chunks[0])
+        self.labels_all = np.asarray(root["training/labels"][...], dtype=np.int64)
+        self.has_masks = "masks" in root["training"]
+        if task == "segment" and not self.has_masks:
+            raise MissingLabelsError(f"{store_url} has no training/masks: segmentation needs a dataset with masks")
+        self._arrays = ("images", "masks") if task == "segment" else ("images",)
+        per_sample = int(np.prod(self.sample_shape)) * 4 + (int(np.prod(self.sample_shape[1:])) if task == "segment" else 0)
+        self.cached = cache == "memory" or (cache == "auto" and per_sample * len(self.indices) <= cache_max_bytes)
+        self._cache: dict[str, np.ndarray] = {}
+        if self.cached:  # eager, so forked workers share it copy-on-write instead of each loading it
+            self._cache = {name: self._read_rows(name, self.indices, use_lru=False) for name in self._arrays}
+
+    # -- process-local store handle -------------------------------------------------------------------------
+    def _group(self) -> zarr.Group:
+        if self._root is None or self._pid != os.getpid():
+            self._root = open_group(self.store_url, self.storage_options)
+            self._pid = os.getpid()
+            self._lru.clear()
+            self._lru_bytes = 0
+        return self._root
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_root=None, _pid=None, _lru=OrderedDict(), _lru_bytes=0)
+        return state
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    def _read_rows(self, name: str, store_idx: np.ndarray, use_lru: bool = True) -> np.ndarray:
+        """Rows `store_idx` (sorted, unique) of training/<name>, decompressing each covering chunk once."""
+        arr = self._group()[f"training/{name}"]
+        c = int(arr.chunks[0])
+        out = np.empty((store_idx.size, *arr.shape[1:]), dtype=arr.dtype)
+        if store_idx.size == 0:
+            return out
+        chunk_ids = np.unique(store_idx // c)
+        blocks: dict[int, np.ndarray] = {}
+        missing = chunk_ids
+        if use_lru:
+            for cid in chunk_ids.tolist():
+                hit = self._lru.get((name, cid))
+                if hit is not None:
+                    self._lru.move_to_end((name, cid))
+                    blocks[cid] = hit
+            missing = np.array([cid for cid in chunk_ids.tolist() if cid not in blocks], dtype=np.int64)
+        # One zarr slice per contiguous run of missing chunks (bounded so a cache fill never holds the whole array).
+        for first, last in _contiguous_runs(missing, max_len=32):
+            lo, hi = first * c, min((last + 1) * c, self.n_total)
+            data = np.asarray(arr[lo:hi])
+            for cid in range(first, last + 1):
+                block = data[(cid - first) * c : (cid - first + 1) * c]
+                blocks[cid] = block
+                if use_lru:
+                    self._remember((name, cid), block)
+            del data
+        for cid, block in blocks.items():
+            sel = (store_idx >= cid * c) & (store_idx < (cid + 1) * c)
+            out[sel] = block[store_idx[sel] - cid * c]
+        return out
+
+    def _remember(self, key: tuple[str, int], block: np.ndarray) -> None:
+        block = np.array(block)  # own copy: a view would keep the whole run alive
+        self._lru[key] = block
+        self._lru_bytes += block.nbytes
+        while self._lru_bytes > self.chunk_cache_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self._lru_bytes -= old.nbytes
+
+    def read_arrays(self, positions: Sequence[int]) -> dict[str, np.ndarray]:
+        """Raw arrays (no transform) of split positions: {"images", "masks"?, "labels", "indices"}."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        store_idx = self.indices[pos]
+        result: dict[str, np.ndarray] = {"labels": self.labels_all[store_idx], "indices": store_idx}
+        for name in self._arrays:
+            if self.cached:
+                result[name] = self._cache[name][pos]
+            else:
+                uniq, inverse = np.unique(store_idx, return_inverse=True)
+                rows = self._read_rows(name, uniq)
+                result[name] = rows if uniq.size == store_idx.size and np.all(uniq == store_idx) else rows[inverse]
+        return result
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of samples read chunk-wise (torch's DataLoader calls this with a batch of positions)."""
+        arrays = self.read_arrays(positions)
+        images = torch.from_numpy(arrays["images"])
+        masks = torch.from_numpy(arrays["masks"]) if "masks" in arrays else None
+        samples = []
+        for k in range(images.shape[0]):
+            sample: dict[str, Any] = {"image": images[k], "label": torch.tensor(int(arrays["labels"][k])),
+                                      "index": int(arrays["indices"][k])}
+            if masks is not None:
+                sample["mask"] = masks[k]
+            if self.transform is not None:
+                sample = self.transform(sample)
+                sample["image"] = torch.as_tensor(sample["image"], dtype=torch.float32)
+                if masks is not None:  # interpolating transforms return float masks; back to labels
+                    sample["mask"] = torch.as_tensor(sample["mask"]).round().to(torch.uint8)
+            samples.append(sample)
+        return samples
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.__getitems__([position])[0]
+
+    def blocks(self) -> list[np.ndarray]:
+        """Split positions grouped by the training chunk that holds them (the unit of one read)."""
+        if len(self) == 0:
+            return []
+        chunk_ids = self.indices // self.chunk_len
+        return np.split(np.arange(len(self), dtype=np.int64), np.flatnonzero(np.diff(chunk_ids)) + 1)
+
+
+class BlockShuffleSampler(Sampler[list[int]]):
+    """Batches of split positions: chunk-sized blocks in a random order each epoch, shuffled within windows of
+    `window` blocks, so each read decompresses whole chunks and every batch still mixes several chunks.
+
+    Hand-written because torch's samplers shuffle individual indices (one chunk decode per sample) and MONAI's
+    shuffle buffers work on iterable datasets only. Use as `DataLoader(..., batch_sampler=sampler)`.
+    """
+
+    def __init__(self, dataset: ZarrImageDataset, batch_size: int, seed: int = 0, window: int = 8,
+                 shuffle: bool = True, drop_last: bool = False) -> None:
+        if batch_size < 1 or window < 1:
+            raise TrainingError("batch_size and window must be >= 1")
+        self._blocks = dataset.blocks()
+        self.n = len(dataset)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose (deterministic) order the next iteration yields."""
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        """All positions of this epoch in batch order."""
+        if not self._blocks:
+            return np.zeros(0, dtype=np.int64)
+        if not self.shuffle:
+            return np.concatenate(self._blocks)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self._blocks))
+        parts = []
+        for w in range(0, len(perm), self.window):
+            part = np.concatenate([self._blocks[b] for b in perm[w : w + self.window]])
+            rng.shuffle(part)
+            parts.append(part)
+        return np.concatenate(parts)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give each worker's random transforms a distinct seed derived from torch's
+    per-worker seed (itself derived from the loader's seeded generator), so runs are reproducible."""
+    info = torch.utils.data.get_worker_info()
+    seed = int(torch.initial_seed() % (2**32))
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)

@@ -1,0 +1,99 @@
+"""Model registry: `build_model(name, task, spatial_dims, in_channels, num_classes)`.
+
+Classifiers return logits (B, K); segmenters return logits (B, K, *spatial) with K = background + classes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from monai.networks import nets
+from torch import nn
+
+from medpipe.training import TrainingError, UnknownModelError
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks (conv-BN-ReLU, max-pool between) and global average+max pooling: fast on CPU, 2D or 3D.
+
+    Global max pooling next to average pooling lets a small bright structure (a lesion of a few pixels) decide
+    the class even when it covers a tiny fraction of the image.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i, out in enumerate((width, width * 2, width * 4, width * 8)):
+            if i:
+                layers.append(pool(2, ceil_mode=True))
+            layers += [conv(channels, out, 3, padding=1, bias=False), norm(out), nn.ReLU(inplace=True)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(2 * channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x).flatten(2)
+        return self.head(torch.cat([f.mean(dim=2), f.amax(dim=2)], dim=1))
+
+
+def _small_cnn(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    return SmallCNN(spatial_dims, in_channels, num_classes)
+
+
+def _resnet(depth: int) -> Callable[[int, int, int], nn.Module]:
+    def build(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+        factory = nets.resnet18 if depth == 18 else nets.resnet34
+        return factory(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes)
+
+    return build
+
+
+def _densenet121(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
+
+
+def _unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                     channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
+
+
+def _small_unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                     channels=(16, 32, 64), strides=(2, 2), num_res_units=1, norm="batch")
+
+
+# name -> (builder, tasks it supports)
+_REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[str, ...]]] = {
+    "small-cnn": (_small_cnn, ("classify",)),
+    "resnet18": (_resnet(18), ("classify",)),
+    "resnet34": (_resnet(34), ("classify",)),
+    "densenet121": (_densenet121, ("classify",)),
+    "unet": (_unet, ("segment",)),
+    "small-unet": (_small_unet, ("segment",)),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def model_task(name: str) -> tuple[str, ...]:
+    """Tasks a registered model supports."""
+    if name not in _REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name][1]
+
+
+def build_model(name: str, task: str, spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+    """A fresh model from the registry. `num_classes` counts output channels (segment: background included)."""
+    tasks = model_task(name)
+    if task not in tasks:
+        valid = [n for n, (_, t) in _REGISTRY.items() if task in t]
+        raise TrainingError(f"model {name!r} does not do {task!r}; models for {task}: {', '.join(valid)}")
+    if spatial_dims not in (2, 3):
+        raise TrainingError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    model = _REGISTRY[name][0](spatial_dims, in_channels, num_classes)
+    model.medpipe_task = task  # lets predict() know what the outputs mean
+    return model

@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated Prefect API (test harness), the demo dataset, a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+TEST_KEY = "medpipe-test-key-0123456789"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect test server for the whole session (temporary database under a temporary PREFECT_HOME)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture()
+def deid_key(monkeypatch):
+    monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_KEY)
+    return TEST_KEY
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory):
+    """A small demo dataset plus one file of every defective kind (under defective/)."""
+    from medpipe.demo import DemoSpec, generate_demo_dataset, write_defective_files
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    summary = generate_demo_dataset(root, DemoSpec(patients=6, xray_per_study=4, png_per_study=4, seed=7))
+    expected = write_defective_files(root / "defective")
+    return root, summary, expected
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 endpoint on 127.0.0.1 (moto server mode); stopped at the end of the session."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,287 @@
+"""Tests for the deterministic demo dataset generator (medpipe.demo)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from medpipe import demo
+from medpipe.demo import DemoSpec, generate_demo_dataset, write_defective_files
+
+SPEC = DemoSpec(
+    patients=3, studies_per_patient=2, xray_per_study=3, png_per_study=2, ct_series_per_study=1,
+    image_size=64, ct_size=32, ct_slices=12, seed=7,
+)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _rows(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, demo.DemoSummary]:
+    root = tmp_path_factory.mktemp("demo") / "out"
+    return root, generate_demo_dataset(root, SPEC)
+
+
+def test_deterministic_bytes(dataset, tmp_path):
+    root, summary = dataset
+    again = generate_demo_dataset(tmp_path / "again", SPEC)
+    assert _hashes(root) == _hashes(tmp_path / "again")
+    assert (again.files, again.bytes, again.phi) == (summary.files, summary.bytes, summary.phi)
+    other = generate_demo_dataset(tmp_path / "other", DemoSpec(**{**SPEC.to_dict(), "seed": 8}))
+    assert other.phi["PatientID"] != summary.phi["PatientID"]
+
+
+def test_file_counts_and_summary(dataset):
+    root, summary = dataset
+    n_st = SPEC.patients * SPEC.studies_per_patient
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert len(list(root.glob("xray/*/*/*.dcm"))) == n_st * SPEC.xray_per_study
+    assert len(list(root.glob("png/*/*/*.png"))) == n_st * SPEC.png_per_study
+    assert len(list(root.glob("ct/*/*/*/*.dcm"))) == n_st * SPEC.ct_series_per_study * SPEC.ct_slices
+    assert len(list(root.glob("masks/*.nii.gz"))) == n_st * SPEC.ct_series_per_study
+    assert summary.files == len(files)
+    assert summary.bytes == sum(p.stat().st_size for p in files)
+    assert summary.patients == SPEC.patients
+    assert Path(summary.manifest) == root / "labels.csv"
+    assert Path(summary.multiclass_manifest) == root / "labels_multiclass.csv"
+    assert DemoSpec(**SPEC.to_dict()) == SPEC
+
+
+def test_xray_dicoms_decode_losslessly(dataset):
+    root, _ = dataset
+    bank = demo._background_bank(SPEC.seed, SPEC.image_size)
+    rows = {r["path"]: r for r in _rows(root / "labels.csv")}
+    syntaxes = set()
+    for pat in demo._plan_patients(SPEC):
+        for st in pat.studies:
+            for i in range(SPEC.xray_per_study):
+                rel = f"xray/{pat.dir}/{st.dir}/img{i + 1:03d}.dcm"
+                ds = pydicom.dcmread(root / rel)
+                syntaxes.add(ds.file_meta.TransferSyntaxUID)
+                assert ds.preamble == b"\0" * 128
+                assert ds.Modality == "DX" and ds.SOPClassUID == demo.DX_PRESENTATION_SOP
+                assert (ds.BitsStored, ds.PhotometricInterpretation) == (12, "MONOCHROME2")
+                arr = ds.pixel_array
+                assert arr.dtype == np.uint16 and arr.shape == (SPEC.image_size,) * 2 and arr.max() <= 4095
+                img, lesion = demo._image_2d(
+                    SPEC, bank, demo._TAG_XRAY, pat.index, st.index, i, rows[rel]["label"] == "lesion"
+                )
+                np.testing.assert_array_equal(arr, demo._to_uint12(img))
+    assert syntaxes == {ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless}
+
+
+def test_fast_writer_matches_pydicom():
+    pat = demo._plan_patients(SPEC)[0]
+    st = pat.studies[0]
+    px = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
+    common = demo._encode_elements(demo._xray_common(pat, st, 64, 64))
+    for ts in (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless):
+        own = demo._xray_own(st, "1.2.3.4", "1.2.3.5", 1, "PA", px, ts)
+        fast = demo._part10_bytes(demo.DX_PRESENTATION_SOP, "1.2.3.4", ts, common, own)
+        ref = demo._dicom_bytes(demo._xray_dataset(pat, st, "1.2.3.4", "1.2.3.5", 1, "PA", px, ts))
+        assert fast == ref
+    ct = (np.arange(32 * 32, dtype=np.int16).reshape(32, 32) - 100).astype(np.int16)
+    common = demo._encode_elements(demo._ct_common(pat, st, "1.2.9", "1.2.8", 101, "AXIAL", 32, 32))
+    own = demo._ct_own(st, 101, "1.2.7", 3, (-12.8, -12.8, 5.0), ct)
+    ref = demo._ct_dataset(pat, st, "1.2.9", "1.2.7", "1.2.8", 101, "AXIAL", 3, (-12.8, -12.8, 5.0), ct)
+    assert demo._part10_bytes(demo.CT_IMAGE_SOP, "1.2.7", ExplicitVRLittleEndian, common, own) == demo._dicom_bytes(ref)
+
+
+def test_phi_consistent_and_reported(dataset):
+    root, summary = dataset
+    seen: dict[str, set] = {k: set() for k in summary.phi}
+    by_patient: dict[str, set] = {}
+    accession_by_study: dict[str, set] = {}
+    for path in list(root.glob("xray/*/*/*.dcm")) + list(root.glob("ct/*/*/*/*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        patient_dir = path.relative_to(root).parts[1]
+        for key in seen:
+            seen[key].add(str(ds[key].value))
+        by_patient.setdefault(patient_dir, set()).add((str(ds.PatientName), ds.PatientID, ds.PatientBirthDate))
+        accession_by_study.setdefault(ds.StudyInstanceUID, set()).add(ds.AccessionNumber)
+        assert patient_dir == f"{str(ds.PatientName).replace('^', '_')}_{ds.PatientID}"
+        for key in ("StudyDate", "StudyTime", "SeriesDate", "ContentDate", "StudyDescription",
+                    "SeriesDescription", "StudyID", "PatientSex", "SeriesInstanceUID"):
+            assert str(ds[key].value)
+    assert all(len(v) == 1 for v in by_patient.values()) and len(by_patient) == SPEC.patients
+    assert all(len(v) == 1 for v in accession_by_study.values())
+    assert len(accession_by_study) == SPEC.patients * SPEC.studies_per_patient
+    assert {k: sorted(v) for k, v in seen.items()} == {k: sorted(v) for k, v in summary.phi.items()}
+    assert len(set(summary.phi["PatientName"])) == SPEC.patients
+
+
+def test_ct_geometry_matches_mask(dataset):
+    root, _ = dataset
+    rows = [r for r in _rows(root / "labels.csv") if r["path"].startswith("ct/")]
+    mc = {r["path"]: r["label"] for r in _rows(root / "labels_multiclass.csv")}
+    assert len(rows) == SPEC.patients * SPEC.studies_per_patient * SPEC.ct_series_per_study
+    assert {r["label"] for r in rows} == {"none", "lesion"}
+    for row in rows:
+        files = sorted((root / row["path"]).glob("*.dcm"))
+        slices = [pydicom.dcmread(f) for f in files]
+        z = [float(s.ImagePositionPatient[2]) for s in slices]
+        order = np.argsort(z)
+        assert list(order) != list(range(len(files)))  # file names not in geometric order
+        np.testing.assert_allclose(np.diff(np.sort(z)), demo.CT_SLICE_THICKNESS)
+        s0 = slices[order[0]]
+        assert s0.Modality == "CT" and s0.SOPClassUID == demo.CT_IMAGE_SOP
+        assert float(s0.RescaleIntercept) == -1024 and s0.pixel_array.dtype == np.int16
+        assert len({s.SeriesInstanceUID for s in slices}) == 1
+        hu = np.stack([slices[k].pixel_array for k in order]).astype(np.float32) - 1024
+        img = nib.load(root / row["mask"])
+        mask = np.asarray(img.dataobj).transpose(2, 1, 0)
+        assert mask.shape == hu.shape == (SPEC.ct_slices, SPEC.ct_size, SPEC.ct_size)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        # the affine maps voxel (i=col, j=row, k=sorted slice) to RAS = (-x, -y, z) of the DICOM position
+        ipp = np.array([float(v) for v in slices[order[3]].ImagePositionPatient])
+        ras = img.affine @ np.array([2, 1, 3, 1.0])
+        np.testing.assert_allclose(ras[:3], [-(ipp[0] + 2 * 0.8), -(ipp[1] + 1 * 0.8), ipp[2]], atol=1e-4)
+        assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+        body = hu > -500
+        if row["label"] == "lesion":
+            assert mask.sum() > 0 and mc[row["path"]] in {"small", "large"}
+            assert hu[mask == 1].mean() > hu[body & (mask == 0)].mean() + 80
+        else:
+            assert mask.sum() == 0 and mc[row["path"]] == "none"
+        assert abs(hu[~body].mean() + 1000) < 10
+
+
+def test_manifests(dataset):
+    root, summary = dataset
+    rows, rows_mc = _rows(summary.manifest), _rows(summary.multiclass_manifest)
+    assert list(rows[0]) == ["path", "label", "mask", "patient_id"]
+    assert [r["path"] for r in rows] == [r["path"] for r in rows_mc]
+    n_st = SPEC.patients * SPEC.studies_per_patient
+    assert len(rows) == n_st * (SPEC.xray_per_study + SPEC.png_per_study + SPEC.ct_series_per_study)
+    for r, m in zip(rows, rows_mc):
+        assert (root / r["path"]).exists() and "\\" not in r["path"]
+        assert r["label"] in {"none", "lesion"} and m["label"] in {"none", "small", "large"}
+        assert (r["label"] == "none") == (m["label"] == "none")
+        if r["path"].startswith("png/"):
+            assert r["patient_id"] == r["path"].split("/")[1].rsplit("_", 1)[1]
+            assert r["patient_id"] in summary.phi["PatientID"]
+        else:
+            assert r["patient_id"] == ""
+        if r["path"].startswith("ct/"):
+            assert (root / r["mask"]).is_file()
+        else:
+            assert r["mask"] == ""
+    two_d = [r for r in rows if not r["path"].startswith("ct/")]
+    assert abs(sum(r["label"] == "lesion" for r in two_d) - len(two_d) / 2) <= n_st
+    assert {m["label"] for m in rows_mc if not m["path"].startswith("ct/")} == {"none", "small", "large"}
+
+
+def test_lesion_images_have_bright_blob(dataset):
+    root, _ = dataset
+    bank = demo._background_bank(SPEC.seed, SPEC.image_size)
+    rows = {r["path"]: r for r in _rows(root / "labels.csv")}
+    yy, xx = np.mgrid[: SPEC.image_size, : SPEC.image_size]
+    n_lesion = 0
+    for pat in demo._plan_patients(SPEC):
+        for st in pat.studies:
+            for i in range(SPEC.png_per_study):
+                rel = f"png/{pat.dir}/{st.dir}/img{i + 1:03d}.png"
+                has = rows[rel]["label"] == "lesion"
+                img, lesion = demo._image_2d(SPEC, bank, demo._TAG_PNG, pat.index, st.index, i, has)
+                arr = np.asarray(Image.open(root / rel))
+                assert arr.dtype == np.uint8 and arr.shape == (SPEC.image_size,) * 2
+                np.testing.assert_array_equal(arr, demo._to_uint8(img))
+                # same pixel noise/background with and without the blob: the blob is what differs
+                plain, _ = demo._image_2d(SPEC, bank, demo._TAG_PNG, pat.index, st.index, i, False)
+                if not has:
+                    assert lesion is None and np.array_equal(img, plain)
+                    continue
+                n_lesion += 1
+                cy, cx, r = lesion
+                assert 0.15 * SPEC.image_size <= cy <= 0.85 * SPEC.image_size
+                assert 6 * SPEC.image_size / 128 <= r <= 14 * SPEC.image_size / 128
+                d = np.hypot(yy - cy, xx - cx)
+                core, ring = d < r * 0.7, (d > r + 3) & (d < r + 6)
+                assert (img - plain)[core].mean() > 0.15
+                assert img[core].mean() > img[ring].mean() + 0.05
+    assert n_lesion > 0
+
+
+def test_defective_files(tmp_path):
+    reasons = write_defective_files(tmp_path)
+    again = write_defective_files(tmp_path / "again")
+    assert again == reasons
+    expected = {
+        "not_dicom", "truncated", "no_pixel_data", "non_image_dicom", "unreadable_nifti",
+        "mixed_series_sizes", "duplicate_instance", "unreadable_image", "",
+    }
+    assert set(reasons.values()) == expected
+    for rel in reasons:
+        assert (tmp_path / rel).is_file()
+        assert (tmp_path / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes()
+    by_reason = {v: k for k, v in reasons.items() if v}
+
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(tmp_path / by_reason["not_dicom"])
+    with pytest.raises(Exception):
+        pydicom.dcmread(tmp_path / by_reason["truncated"]).pixel_array
+    ds = pydicom.dcmread(tmp_path / by_reason["no_pixel_data"])
+    assert "PixelData" not in ds and ds.PatientName
+    sr = pydicom.dcmread(tmp_path / by_reason["non_image_dicom"])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11" and "PixelData" not in sr
+    with pytest.raises(Exception):
+        np.asarray(nib.load(tmp_path / by_reason["unreadable_nifti"]).dataobj)
+    with pytest.raises(Exception):
+        Image.open(tmp_path / by_reason["unreadable_image"]).load()
+
+    mixed = [k for k, v in reasons.items() if v == "mixed_series_sizes"]
+    assert len(mixed) > 1 and all(k.startswith("mixed/") for k in mixed)
+    mixed_ds = [pydicom.dcmread(tmp_path / k) for k in mixed]
+    assert len({d.SeriesInstanceUID for d in mixed_ds}) == 1
+    assert len({d.pixel_array.shape for d in mixed_ds}) == 2
+
+    copy = by_reason["duplicate_instance"]
+    assert reasons["valid_dx.dcm"] == "" and sorted(["valid_dx.dcm", copy])[0] == "valid_dx.dcm"
+    assert (tmp_path / copy).read_bytes() == (tmp_path / "valid_dx.dcm").read_bytes()
+    assert pydicom.dcmread(tmp_path / "valid_dx.dcm").pixel_array.shape == (96, 96)
+
+    us = pydicom.dcmread(tmp_path / "us_rgb.dcm")
+    assert (us.Modality, us.SamplesPerPixel, us.PhotometricInterpretation) == ("US", 3, "RGB")
+    assert us.pixel_array.shape == (96, 128, 3)
+    mf = pydicom.dcmread(tmp_path / "multiframe_xa.dcm")
+    assert mf.NumberOfFrames == 8 and mf.pixel_array.shape == (8, 64, 64)
+    import tifffile
+
+    tif = tifffile.imread(tmp_path / "tiff16.tif")
+    assert tif.dtype == np.uint16 and tif.ndim == 2
+    assert {k for k, v in reasons.items() if v == ""} == {"valid_dx.dcm", "us_rgb.dcm", "multiframe_xa.dcm", "tiff16.tif"}
+
+
+def test_spec_validation_and_scaling(tmp_path):
+    with pytest.raises(ValueError):
+        generate_demo_dataset(tmp_path, DemoSpec(patients=0))
+    with pytest.raises(ValueError):
+        generate_demo_dataset(tmp_path, DemoSpec(image_size=8))
+    # counts of zero are fine; unique names/IDs hold for larger cohorts
+    summary = generate_demo_dataset(
+        tmp_path / "x", DemoSpec(patients=40, studies_per_patient=1, xray_per_study=0, png_per_study=1,
+                                 ct_series_per_study=0, image_size=32)
+    )
+    assert len(summary.phi["PatientName"]) == len(summary.phi["PatientID"]) == 40
+    assert all(len(p) == 8 and p.isdigit() for p in summary.phi["PatientID"])
+    assert all(a.startswith("ACC") and len(a) == 10 for a in summary.phi["AccessionNumber"])
+    assert not list((tmp_path / "x").glob("xray"))

@@ -1,0 +1,177 @@
+"""End-to-end ingestion through the Prefect flow on a Dask LocalCluster: local store, 3D store, s3://, rerun
+no-op, kill-and-rerun, every bad-input kind, and a PHI scan of store, logs and artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.store import read_json, read_sample_table, store_attrs
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["none", "lesion"]
+
+
+def _run(source, store, **cfg):
+    from flows.ingest import run_ingest
+
+    config = IngestConfig(classes=CLASSES, files_per_shard=64, **cfg)
+    return run_ingest(str(source), str(store), config)
+
+
+def _phi_strings(summary) -> list[str]:
+    values = [v for vs in summary.phi.values() for v in vs]
+    names = [v.replace("^", "_") for v in summary.phi.get("PatientName", [])]
+    return [v for v in values + names if len(v) >= 5]
+
+
+@pytest.fixture(scope="module")
+def local_store(prefect_api, demo_source, tmp_path_factory, deid_key_module):
+    source, summary, expected = demo_source
+    store = tmp_path_factory.mktemp("stores") / "local.zarr"
+    result = _run(source, store)
+    return source, store, result
+
+
+@pytest.fixture(scope="module")
+def deid_key_module():
+    from tests.conftest import TEST_KEY
+
+    old = os.environ.get("MEDPIPE_DEID_KEY")
+    os.environ["MEDPIPE_DEID_KEY"] = TEST_KEY
+    yield TEST_KEY
+    if old is None:
+        os.environ.pop("MEDPIPE_DEID_KEY", None)
+    else:
+        os.environ["MEDPIPE_DEID_KEY"] = old
+
+
+def test_accounting_and_every_bad_input_kind(local_store, demo_source):
+    _, store, result = local_store
+    _, summary, expected = demo_source
+    counts = result["counts"]
+    assert counts["discovered"] == counts["ingested"] + counts["quarantined"]
+    assert counts["discovered"] == summary.files - 2 + len(expected)  # the two manifests are not images
+    want = {}
+    for reason in expected.values():
+        if reason:
+            want[reason] = want.get(reason, 0) + 1
+    assert result["quarantine_reasons"] == want
+    quarantine = read_json(str(store), "reports/quarantine.json")
+    assert len(quarantine) == counts["quarantined"]
+    assert all(set(q) == {"source_hash", "reason", "detail"} for q in quarantine)
+
+
+def test_store_layout_readable_with_zarr_and_ome_zarr(local_store):
+    _, store, result = local_store
+    root = zarr.open_group(str(store), mode="r")
+    images, labels = root["training/images"], root["training/labels"]
+    n = result["samples"]
+    assert images.shape == (n, 1, 64, 64) and labels.shape == (n,)
+    assert images.chunks[0] > 1 and images.shards is not None  # blocks of samples, sharded
+    x = images[:]
+    assert np.isfinite(x).all() and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.01
+    table = read_sample_table(str(store))
+    assert set(table) >= {"patient", "study", "series", "split", "label", "spacing", "shape", "source_hash"}
+    assert (table["label"] == labels[:]).all() and set(np.unique(labels[:])) <= {-1, 0, 1}
+    # no patient in two splits
+    by_patient = {}
+    for p, s in zip(table["patient"], table["split"]):
+        by_patient.setdefault(str(p), set()).add(int(s))
+    assert all(len(s) == 1 for s in by_patient.values())
+    # seeded random order: the first chunk mixes patients
+    first_chunk = table["patient"][: images.chunks[0]]
+    assert len(set(map(str, first_chunk))) > 1
+    attrs = store_attrs(str(store))
+    assert attrs["complete"] and attrs["schema_version"] == 1 and len(attrs["content_hash"]) == 64
+    assert attrs["config"]["preprocess"]["kind"] == "2d" and "modalities" in attrs["fingerprint"]
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    unit = str(table["unit"][0])
+    nodes = list(Reader(parse_url(str(store / "archive" / unit)))())
+    assert nodes and any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
+    assert nodes[0].metadata["axes"][-1]["name"] == "x"
+
+
+def test_rerun_is_noop(local_store):
+    source, store, result = local_store
+    again = _run(source, store)
+    assert again.get("noop") is True and again["content_hash"] == result["content_hash"]
+
+
+def test_3d_store_with_masks(prefect_api, demo_source, tmp_path, deid_key):
+    source, _, _ = demo_source
+    result = _run(source, tmp_path / "ct.zarr", preprocess=PreprocessConfig(kind="3d", shape=(32, 64, 64)))
+    root = zarr.open_group(str(tmp_path / "ct.zarr"), mode="r")
+    assert root["training/images"].shape[1:] == (1, 32, 64, 64)
+    masks = root["training/masks"][:]
+    assert masks.max() == 1 and masks.sum() > 0
+    assert root["training/images"].chunks[0] == 1 or root["training/images"].chunks[0] >= 1
+    assert result["counts"]["training_samples"] >= 6
+    lesion = root["training/images"][:][masks.astype(bool)]
+    assert lesion.mean() > root["training/images"][:].mean()  # lesions are brighter than the average voxel
+
+
+def test_kill_and_rerun_gives_same_store(local_store, tmp_path, deid_key):
+    source, _, result = local_store
+    store = tmp_path / "killed.zarr"
+    env = {**os.environ, "MEDPIPE_DEID_KEY": deid_key}
+    cmd = [sys.executable, "-m", "medpipe.cli", "ingest", str(source), str(store), "--classes", "none,lesion",
+           "--files-per-shard", "8", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (store / "archive").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store_attrs(str(store)).get("complete"), "the run should have been killed midway"
+    rerun = _run(source, store)
+    assert rerun["content_hash"] == result["content_hash"]
+
+
+def test_s3_store_on_moto(prefect_api, demo_source, moto_s3, tmp_path, deid_key):
+    import s3fs
+
+    source, _, _ = demo_source
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("medpipe-test")
+    fs.put(str(source) + "/", "medpipe-test/data/", recursive=True)
+    result = _run("s3://medpipe-test/data", "s3://medpipe-test/store.zarr")
+    local = _run(source, tmp_path / "same.zarr")
+    assert result["counts"] == local["counts"] and result["content_hash"] == local["content_hash"]
+    root = zarr.open_group("s3://medpipe-test/store.zarr", mode="r")
+    assert root["training/images"].shape == (result["samples"], 1, 64, 64)
+
+
+def test_no_phi_in_store_logs_or_artifacts(local_store, demo_source):
+    _, store, _ = local_store
+    _, summary, _ = demo_source
+    phi = _phi_strings(summary)
+    assert phi, "the demo must write PHI for this test to mean anything"
+    blobs = [p.read_bytes() for p in Path(store).rglob("*") if p.is_file()]
+    for value in phi:
+        needle = value.encode()
+        assert not any(needle in b for b in blobs), "PHI found in the store"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        logs = client.read_logs()
+    text = json.dumps([a.data for a in artifacts]) + "\n".join(str(log.message) for log in logs)
+    assert "discovered" in text
+    for value in phi:
+        assert value not in text, "PHI found in Prefect logs or artifacts"

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from medpipe.config import IngestConfig, PreprocessConfig, SplitConfig, load_config
+from medpipe.manifest import check_references, parse_manifest
+from medpipe.preprocess import NotTrainable, convert_channels, normalize, to_training_sample
+from medpipe.splits import patient_labels, split_patients
+
+
+def test_splits_are_per_patient_deterministic_and_stratified():
+    patients = [f"P{i % 40}" for i in range(400)]
+    labels = [i % 40 % 2 for i in range(400)]  # a patient's images share its label
+    strata = patient_labels(patients, labels)
+    cfg = SplitConfig(train=0.6, val=0.2, test=0.2, seed=3)
+    a, b = split_patients(strata, cfg), split_patients(strata, cfg)
+    assert a == b
+    per_image = [a[p] for p in patients]
+    for code in (0, 1, 2):  # no patient in two splits: each patient maps to exactly one code
+        members = {p for p, s in zip(patients, per_image) if s == code}
+        others = {p for p, s in zip(patients, per_image) if s != code}
+        assert not members & others
+    for label in (0, 1):  # stratified: each label appears in every split
+        assert {a[p] for p in strata if strata[p] == label} == {0, 1, 2}
+    assert sum(1 for v in a.values() if v == 2) == 8
+
+
+def test_split_config_validates():
+    with pytest.raises(ValueError):
+        SplitConfig(train=0.5, val=0.1, test=0.1)
+
+
+def test_preprocess_2d_and_3d_shapes_and_ranges():
+    img = np.random.default_rng(0).integers(0, 4096, (1, 100, 120)).astype(np.uint16)
+    x, m = to_training_sample(img, (0.5, 0.5), "DX", PreprocessConfig(shape=(64, 64)))
+    assert x.shape == (1, 64, 64) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1 and m is None
+    vol = np.full((1, 20, 40, 40), -1000, np.float32)
+    vol[:, 5:15, 10:30, 10:30] = 40
+    mask = (vol > 0).astype(np.uint8)
+    norm = {"p00_5": -100.0, "p99_5": 200.0, "mean": 40.0, "std": 10.0}
+    x, m = to_training_sample(vol, (5.0, 1.0, 1.0), "CT", PreprocessConfig(kind="3d", shape=(32, 32, 32)),
+                              mask=mask, norm=norm, target_spacing=(2.5, 1.0, 1.0))
+    assert x.shape == (1, 32, 32, 32) and m.shape == (1, 32, 32, 32)
+    assert set(np.unique(m)) <= {0, 1} and m.sum() > 0
+    assert abs(float(x[m.astype(bool)].mean())) < 1.0  # tissue at the fingerprint mean is ~0 after z-score
+    with pytest.raises(NotTrainable):
+        to_training_sample(vol, (1, 1, 1), "CT", PreprocessConfig(kind="2d"))
+    with pytest.raises(NotTrainable):
+        to_training_sample(img, (1, 1), "DX", PreprocessConfig(kind="3d", shape=(8, 8, 8)))
+
+
+def test_channel_conversion_and_normalisation():
+    rgb = np.stack([np.full((4, 4), v, np.uint8) for v in (255, 0, 0)])
+    assert convert_channels(rgb, 1).shape == (1, 4, 4)
+    assert convert_channels(rgb[:1], 3).shape == (3, 4, 4)
+    mr = np.random.default_rng(1).normal(100, 20, (1, 8, 8, 8))
+    z = normalize(mr, "MR", None)
+    assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preprocess:\n  kind: 3d\n  shape: [16, 32, 32]\nsplit:\n  seed: 5\n")
+    cfg = load_config(path, IngestConfig, **{"workers": 3, "preprocess.channels": None})
+    assert cfg.preprocess.shape == (16, 32, 32) and cfg.split.seed == 5 and cfg.workers == 3
+    assert cfg.to_dict()["preprocess"]["kind"] == "3d"
+    with pytest.raises(ValueError):
+        load_config(None, IngestConfig, **{"preprocess.shape": [64]})
+
+
+def test_manifest_reports_missing_files_and_undeclared_classes():
+    text = "path,label,mask,patient_id\na/1.png,none,,P1\na/2.png,tumour,,P1\nmissing.png,lesion,,\nct/s1,lesion,m.nii.gz,\n"
+    manifest = parse_manifest(text, ["none", "lesion"], hash_path=lambda p: f"h({len(p)})")
+    check_references(manifest, {"a/1.png", "a/2.png", "ct/s1/x.dcm"}, hash_path=lambda p: f"h({len(p)})")
+    problems = sorted(i["problem"] for i in manifest.issues)
+    assert problems == ["file or folder not found", "label is not a declared class", "mask file not found"]
+    assert all("missing" not in str(i) for i in manifest.issues)  # issues hold hashes, not paths
+    assert manifest.class_index("lesion") == 1 and manifest.class_index("tumour") == -1

@@ -1,0 +1,279 @@
+"""Training: Zarr dataset and sampler, models, checkpoints, train/resume/predict and input errors."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from medpipe.config import StoreConfig
+from medpipe.store import ATTRS_KEY
+from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, CorruptCheckpointError,
+                              MissingLabelsError, StoreNotCompleteError, TrainingError, UnknownModelError)
+from medpipe.training.checkpoints import load_checkpoint, load_model, save_checkpoint
+from medpipe.training.config import TrainConfig
+from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, default_augmentation
+from medpipe.training.engine import predict, train
+from medpipe.training.models import MODEL_NAMES, build_model
+from training_store import make_2d_store, make_3d_store, synthetic_2d, write_store
+
+
+
+@pytest.fixture(scope="module")
+def store2d(tmp_path_factory):
+    """300 easy 32x32 samples; small chunks (32 samples) so the split spans many blocks."""
+    url = str(tmp_path_factory.mktemp("s") / "store2d.zarr")
+    return make_2d_store(url, n=300, size=32, radius=(7.0, 11.0), store_config=StoreConfig(chunk_bytes=32 * 4096))
+
+
+@pytest.fixture(scope="module")
+def store3d(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("s") / "store3d.zarr")
+    return make_3d_store(url, n=40, shape=(8, 32, 32), radius=(8.0, 12.0))
+
+
+def _split(url: str) -> np.ndarray:
+    return np.asarray(zarr.open_group(url, mode="r")["samples/split"][...])
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def test_split_selection_and_samples(store2d):
+    split = _split(store2d)
+    root = zarr.open_group(store2d, mode="r")
+    for name, code in (("train", 0), ("val", 1), ("test", 2)):
+        ds = ZarrImageDataset(store2d, name, cache="none")
+        assert np.array_equal(ds.indices, np.flatnonzero(split == code))
+    ds = ZarrImageDataset(store2d, "val", cache="none")
+    sample = ds[3]
+    idx = int(ds.indices[3])
+    assert sample["index"] == idx and sample["image"].dtype == torch.float32
+    assert np.array_equal(sample["image"].numpy(), root["training/images"][idx])
+    assert int(sample["label"]) == int(root["training/labels"][idx]) and sample["label"].dtype == torch.int64
+    with pytest.raises(TrainingError, match="unknown split"):
+        ZarrImageDataset(store2d, "holdout")
+
+
+def test_cache_memory_matches_reading(store2d):
+    a, b = ZarrImageDataset(store2d, "train", cache="none"), ZarrImageDataset(store2d, "train", cache="memory")
+    assert not a.cached and b.cached
+    pos = [5, 0, 77, 3, 3]
+    x, y = a.read_arrays(pos), b.read_arrays(pos)
+    assert np.array_equal(x["images"], y["images"]) and np.array_equal(x["labels"], y["labels"])
+    assert ZarrImageDataset(store2d, "train", cache="auto", cache_max_bytes=1).cached is False
+
+
+def test_sampler_covers_each_index_once_and_reads_whole_chunks(store2d, monkeypatch):
+    ds = ZarrImageDataset(store2d, "train", cache="none", chunk_cache_bytes=1 << 30)
+    sampler = BlockShuffleSampler(ds, batch_size=16, seed=3, window=2)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(len(ds))) and len(batches) == len(sampler)
+        orders.append(flat)
+    assert orders[0] != orders[1], "each epoch reshuffles"
+    sampler.set_epoch(0)
+    assert [i for b in sampler for i in b] == orders[0], "an epoch's order depends on (seed, epoch) only"
+    # each batch mixes at most the blocks of two neighbouring windows
+    chunk_of = ds.indices // ds.chunk_len
+    assert max(len(set(chunk_of[b].tolist())) for b in batches) <= 2 * 2
+
+    reads: list[tuple[int, int]] = []
+    original = zarr.Array.__getitem__
+
+    def recording(self, selection):
+        if self.path.endswith("training/images"):
+            reads.append((selection.start, selection.stop))
+        return original(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    seen = np.concatenate([batch["index"].numpy() for batch in loader])
+    assert sorted(seen.tolist()) == ds.indices.tolist()
+    c, n = ds.chunk_len, ds.n_total
+    assert all(lo % c == 0 and (hi % c == 0 or hi == n) for lo, hi in reads), "reads are whole chunks"
+    chunks_read = sum(-(-(hi - lo) // c) for lo, hi in reads)
+    assert chunks_read == len(np.unique(chunk_of)), "each chunk of the split is decompressed once per epoch"
+
+
+def test_workers_return_same_samples(store2d):
+    ds = ZarrImageDataset(store2d, "train", cache="none")
+    ds[0]  # opens a handle, which must not be pickled
+    assert pickle.loads(pickle.dumps(ds))._root is None
+
+    def collect(workers: int) -> tuple[np.ndarray, np.ndarray]:
+        sampler = BlockShuffleSampler(ds, batch_size=24, seed=1)
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+        batches = list(loader)
+        return (np.concatenate([b["index"].numpy() for b in batches]),
+                np.concatenate([b["image"].numpy() for b in batches]))
+
+    idx0, img0 = collect(0)
+    idx2, img2 = collect(2)
+    assert np.array_equal(idx0, idx2) and np.array_equal(img0, img2)
+
+
+def test_s3_store_through_moto(moto_s3, tmp_path):
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}).mkdir("medpipe-train")
+    opts = {"client_kwargs": {"endpoint_url": moto_s3}}
+    images, labels = synthetic_2d(40, 16, seed=2)
+    url = write_store("s3://medpipe-train/store.zarr", images, labels, storage_options=opts)
+    s3 = ZarrImageDataset(url, "all", cache="none", storage_options=opts)
+    local = ZarrImageDataset(write_store(str(tmp_path / "same.zarr"), images, labels), "all", cache="none")
+    batch = s3.__getitems__(list(range(40)))
+    assert np.array_equal(torch.stack([s["image"] for s in batch]).numpy(), images)
+    assert np.array_equal(local.read_arrays(range(40))["images"], s3.read_arrays(range(40))["images"])
+    loader = DataLoader(s3, batch_sampler=BlockShuffleSampler(s3, 16), num_workers=2)
+    assert sorted(np.concatenate([b["index"].numpy() for b in loader]).tolist()) == list(range(40))
+
+
+def test_augmentation_keeps_masks_binary(store3d):
+    ds = ZarrImageDataset(store3d, "train", task="segment", transform=default_augmentation("segment", 3))
+    for s in ds.__getitems__(list(range(6))):
+        assert s["mask"].dtype == torch.uint8 and set(s["mask"].unique().tolist()) <= {0, 1}
+        assert s["image"].shape == (1, 8, 32, 32) and s["mask"].shape == (1, 8, 32, 32)
+
+
+# -- models / config ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,task,dims", [("small-cnn", "classify", 2), ("small-cnn", "classify", 3),
+                                            ("resnet18", "classify", 2), ("densenet121", "classify", 2),
+                                            ("small-unet", "segment", 3), ("unet", "segment", 2)])
+def test_model_registry_shapes(name, task, dims):
+    model = build_model(name, task, dims, 1, 3).eval()
+    size = 32 if dims == 2 else 16
+    x = torch.zeros((2, 1, *([size] * dims)))
+    out = model(x)
+    assert out.shape == ((2, 3) if task == "classify" else (2, 3, *([size] * dims)))
+
+
+def test_unknown_model_and_config_validation():
+    with pytest.raises(UnknownModelError, match="small-cnn"):
+        build_model("vit-huge", "classify", 2, 1, 2)
+    with pytest.raises(TrainingError, match="does not do"):
+        build_model("unet", "classify", 2, 1, 2)
+    assert set(MODEL_NAMES) >= {"small-cnn", "resnet18", "resnet34", "densenet121", "unet", "small-unet"}
+    with pytest.raises(ValueError):
+        TrainConfig(learning_rate=0.1)
+    cfg = TrainConfig()
+    assert cfg.model_name() == "small-cnn" and TrainConfig(task="segment").model_name() == "small-unet"
+    assert TrainConfig.model_validate(cfg.to_dict()) == cfg
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def test_short_training_improves_and_predicts(store2d, tmp_path):
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=3e-3, early_stopping_patience=0)
+    result = train(store2d, tmp_path / "run", cfg, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert result.epochs_completed == 5 and losses[-1] < losses[0]
+    assert result.test_metrics["accuracy"] >= 0.75, result.test_metrics
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert any((tmp_path / "run" / "tb").iterdir())
+    ckpt = torch.load(result.best_path, weights_only=True)
+    assert ckpt["store_content_hash"] == zarr.open_group(store2d).attrs[ATTRS_KEY]["content_hash"]
+    model, meta = load_model(result.best_path)
+    assert meta["task"] == "classify" and meta["classes"] == ["none", "lesion"]
+    out = predict(model, store2d, "test")
+    n_test = int((_split(store2d) == 2).sum())
+    assert out["y_prob"].shape == (n_test, 2) and out["y_true"].shape == (n_test,) and out["indices"].shape == (n_test,)
+    assert np.allclose(out["y_prob"].sum(axis=1), 1, atol=1e-5)
+    assert (out["y_pred"] == out["y_true"]).mean() == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
+
+
+def test_segmentation_trains_and_predicts_masks(store3d, tmp_path):
+    cfg = TrainConfig(task="segment", epochs=3, batch_size=4, early_stopping_patience=0)
+    result = train(store3d, tmp_path / "seg", cfg, progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.monitor == "dice" and "dice" in result.test_metrics
+    model, _ = load_model(result.best_path)
+    out = predict(model, store3d, "val")
+    assert out["masks_pred"].shape == out["masks_true"].shape and out["masks_pred"].dtype == np.uint8
+
+
+def test_resume_after_kill_continues(store2d, tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=64, early_stopping_patience=0)
+
+    def kill_after_two(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(store2d, tmp_path / "run", cfg, progress=False, on_epoch_end=kill_after_two)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    with pytest.raises(CheckpointExistsError, match="resume"):
+        train(store2d, tmp_path / "run", cfg, progress=False)
+    seen: list[int] = []
+    resumed = train(store2d, tmp_path / "run", cfg, resume=True, progress=False,
+                    on_epoch_end=lambda e, m: seen.append(e))
+    assert seen == [3, 4] and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    straight = train(store2d, tmp_path / "straight", cfg, progress=False)
+    assert [h["train_loss"] for h in straight.history] == pytest.approx(
+        [h["train_loss"] for h in resumed.history], rel=1e-4), "a resumed run repeats the uninterrupted one"
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+def _variant(tmp_path, name, **kwargs):
+    images, labels = synthetic_2d(60, 16, seed=5)
+    kwargs.setdefault("labels", labels)
+    return write_store(str(tmp_path / f"{name}.zarr"), images, **kwargs)
+
+
+def test_store_errors(tmp_path, store2d):
+    cfg = TrainConfig(epochs=1)
+    with pytest.raises(StoreNotCompleteError, match="not complete"):
+        train(_variant(tmp_path, "incomplete", complete=False), tmp_path / "a", cfg, progress=False)
+    with pytest.raises(StoreNotCompleteError, match="no medpipe store"):
+        train(str(tmp_path / "nothing.zarr"), tmp_path / "b", cfg, progress=False)
+    with pytest.raises(MissingLabelsError, match="at least 2 classes"):
+        train(_variant(tmp_path, "unlabelled", labels=np.full(60, -1)), tmp_path / "c", cfg, progress=False)
+    with pytest.raises(MissingLabelsError, match="at least 2 classes"):
+        train(_variant(tmp_path, "oneclass", labels=np.zeros(60, np.int64)), tmp_path / "d", cfg, progress=False)
+    with pytest.raises(MissingLabelsError, match="masks"):
+        train(store2d, tmp_path / "e", TrainConfig(task="segment"), progress=False)
+    with pytest.raises(UnknownModelError, match="valid names"):
+        train(store2d, tmp_path / "f", TrainConfig(model="nope"), progress=False)
+
+
+def test_checkpoint_errors(tmp_path, store2d):
+    cfg = TrainConfig(epochs=1, batch_size=64)
+    run = tmp_path / "run"
+    train(store2d, run, cfg, progress=False)
+    other = make_2d_store(str(tmp_path / "other.zarr"), n=120, size=32, seed=9)
+    with pytest.raises(CheckpointMismatchError, match="different store"):
+        train(other, run, cfg, resume=True, progress=False)
+    with pytest.raises(CheckpointMismatchError, match="lr"):
+        train(store2d, run, TrainConfig(epochs=1, batch_size=64, lr=0.1), resume=True, progress=False)
+    # runtime-only settings may change on resume
+    train(store2d, run, TrainConfig(epochs=1, batch_size=64, num_workers=0, cache="none"), resume=True, progress=False)
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:200])  # cut off
+    with pytest.raises(CorruptCheckpointError, match="unreadable"):
+        train(store2d, run, cfg, resume=True, progress=False)
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(run / "last.pt")
+    save_checkpoint(run / "odd.pt", {"model": {}})
+    with pytest.raises(CorruptCheckpointError, match="lacks"):
+        load_model(run / "odd.pt")
+    with pytest.raises(CheckpointExistsError, match="nothing to resume"):
+        train(store2d, tmp_path / "empty", cfg, resume=True, progress=False)
+    result = train(store2d, run, cfg, overwrite=True, progress=False)
+    assert result.epochs_completed == 1
+    assert not list(run.glob(".*.tmp")), "atomic writes leave no temporary files"
+
+
+@pytest.mark.gpu
+def test_gpu_amp_channels_last(store2d, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=64, amp="auto", channels_last=True, device="cuda")
+    result = train(store2d, tmp_path / "gpu", cfg, progress=False)
+    assert result.device.startswith("cuda") and result.epochs_completed == 2

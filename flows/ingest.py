@@ -15,7 +15,7 @@ from medpipe.report import ingest_markdown
 from tasks import ingest as t
 
 
-@flow(name="ingest", log_prints=False)
+@flow(name="ingest", log_prints=False, task_runner=dask_task_runner())  # $MEDPIPE_DASK_SCHEDULER or local
 def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, key_secret: str | None = None,
                 show_progress: bool = False) -> dict[str, Any]:
     """De-identify and ingest SOURCE into the Zarr STORE; returns the store summary."""

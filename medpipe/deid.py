@@ -181,12 +181,17 @@ class DeidAudit:
             "actions": {f"{name}:{action}": n for (name, action), n in sorted(self.counts.items())},
         }
 
+    def to_compact(self) -> list[int]:
+        """Small form for one dataset's audit: [datasets, dropped, indices of KEPT_FIELDS acted on...]."""
+        names = list(KEPT_FIELDS)
+        return [self.datasets, self.dropped_elements, *sorted(names.index(n) for n, _ in self.counts)]
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DeidAudit":
-        audit = cls(dropped_elements=data.get("dropped_elements", 0), datasets=data.get("datasets", 0))
-        for name_action, n in data.get("actions", {}).items():
-            name, action = name_action.rsplit(":", 1)
-            audit.counts[(name, action)] += n
+    def from_compact(cls, data: list[int]) -> "DeidAudit":
+        names = list(KEPT_FIELDS)
+        audit = cls(datasets=data[0], dropped_elements=data[1]) if data else cls()
+        for index in data[2:]:
+            audit.counts[(names[index], str(KEPT_FIELDS[names[index]]))] += 1
         return audit
 
 

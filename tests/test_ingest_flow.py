@@ -127,7 +127,9 @@ def test_3d_store_with_masks(prefect_api, demo_source, tmp_path, deid_key):
 def test_kill_and_rerun_gives_same_store(local_store, tmp_path, deid_key):
     source, _, result = local_store
     store = tmp_path / "killed.zarr"
-    env = {**os.environ, "MEDPIPE_DEID_KEY": deid_key}
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "MEDPIPE_DEID_KEY": deid_key, "PREFECT_API_URL": PREFECT_API_URL.value()}
     cmd = [sys.executable, "-m", "medpipe.cli", "ingest", str(source), str(store), "--classes", "none,lesion",
            "--files-per-shard", "8", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -143,15 +145,14 @@ def test_kill_and_rerun_gives_same_store(local_store, tmp_path, deid_key):
     assert rerun["content_hash"] == result["content_hash"]
 
 
-def test_s3_store_on_moto(prefect_api, demo_source, moto_s3, tmp_path, deid_key):
+def test_s3_store_on_moto(local_store, moto_s3, deid_key):
     import s3fs
 
-    source, _, _ = demo_source
+    source, _, local = local_store
     fs = s3fs.S3FileSystem()
     fs.mkdir("medpipe-test")
     fs.put(str(source) + "/", "medpipe-test/data/", recursive=True)
     result = _run("s3://medpipe-test/data", "s3://medpipe-test/store.zarr")
-    local = _run(source, tmp_path / "same.zarr")
     assert result["counts"] == local["counts"] and result["content_hash"] == local["content_hash"]
     root = zarr.open_group("s3://medpipe-test/store.zarr", mode="r")
     assert root["training/images"].shape == (result["samples"], 1, 64, 64)

@@ -43,6 +43,7 @@ def archive_unit(unit: dict[str, Any], source_url: str, root, key: DeidKey, conf
     if existing is not None:
         attrs = dict(existing.attrs.get(ATTRS_KEY, {}))
         if attrs.get("input_tag") == input_tag:
+            attrs["intensity_sample"] = intensity_sample(existing["0"][...], attrs["modality"], _seed(unit))
             return attrs
     fs, base = source_fs(source_url)
     pseudonyms = Pseudonymizer(key)
@@ -53,23 +54,39 @@ def archive_unit(unit: dict[str, Any], source_url: str, root, key: DeidKey, conf
     except Exception as exc:  # noqa: BLE001 - a decoder crash quarantines the unit, never the run
         return {"id": unit["id"], "reason": "decode_error", "detail": f"{type(exc).__name__} while decoding",
                 "indices": unit["indices"]}
+    pixels = compact_integers(image.pixels)
     audit = DeidAudit()
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
-    mask, mask_reason = _load_mask(unit, base, fs, image.pixels.shape)
-    shape, spacing = _spatial(image.pixels, image.spacing)
+    mask, mask_reason = _load_mask(unit, base, fs, pixels.shape)
+    shape, spacing = _spatial(pixels, image.spacing)
     modality = image.modality if unit["kind"].startswith("dicom") else unit["modality"]
     record = {
         "id": unit["id"], "kind": unit["kind"], "input_tag": input_tag,
         "patient": unit["patient"], "study": unit["study"], "series": unit["series"],
         "modality": modality, "label": unit["label"], "shape": shape, "spacing": spacing,
-        "dtype": str(image.pixels.dtype), "has_mask": mask is not None, "mask_reason": mask_reason,
+        "dtype": str(pixels.dtype), "has_mask": mask is not None, "mask_reason": mask_reason,
         "files": len(unit["indices"]), "orientation": image.orientation,
-        "intensity_sample": intensity_sample(image.pixels, modality, seed=int(unit["id"][:8], 16)),
-        "dicom": header, "audit": audit.to_dict(),
-        "checksum": array_checksum(image.pixels, *( [mask] if mask is not None else [] )),
+        "dicom": header, "audit": audit.to_compact(),
+        "checksum": array_checksum(pixels, *([mask] if mask is not None else [])),
     }
-    write_archive_image(root, unit["id"], image.pixels, image.spacing, config, mask=mask, attrs=record)
-    return record
+    write_archive_image(root, unit["id"], pixels, image.spacing, config, mask=mask, attrs=record)
+    # the intensity sample feeds the fingerprint; recomputed on reruns rather than stored with every image
+    return {**record, "intensity_sample": intensity_sample(pixels, modality, _seed(unit))}
+
+
+def _seed(unit: dict[str, Any]) -> int:
+    return int(unit["id"][:8], 16)
+
+
+def compact_integers(pixels: np.ndarray) -> np.ndarray:
+    """Float pixels that are whole numbers within int16 (CT in HU after slope 1 / integer intercept) as int16:
+    lossless, and half the archive bytes of float32."""
+    if pixels.dtype.kind != "f" or pixels.size == 0:
+        return pixels
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < -32768 or hi > 32767 or not np.array_equal(pixels, np.round(pixels)):
+        return pixels
+    return pixels.astype(np.int16)
 
 
 def _load_mask(unit: dict[str, Any], base: str, fs, image_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:

@@ -41,7 +41,7 @@ def finalize_store(store_url: str, *, records: list[dict[str, Any]], quarantine:
             remove_path(store_url, f"archive/{stale}")
     audit = DeidAudit()
     for r in records:
-        audit.merge(DeidAudit.from_dict(r.get("audit", {})))
+        audit.merge(DeidAudit.from_compact(r.get("audit", [])))
     quarantine_public = sorted(({k: v for k, v in q.items() if k != "index"} for q in quarantine),
                                key=lambda q: (q["source_hash"], q["reason"]))
     reasons: dict[str, int] = {}

@@ -59,12 +59,12 @@ def _densenet121(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Mo
 
 def _unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
     return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
-                     channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
+                     channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="instance")
 
 
 def _small_unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
     return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
-                     channels=(16, 32, 64), strides=(2, 2), num_res_units=1, norm="batch")
+                     channels=(16, 32, 64), strides=(2, 2), num_res_units=1, norm="instance")
 
 
 # name -> (builder, tasks it supports)

@@ -49,7 +49,7 @@ def main() -> int:
         print("no CUDA device: GPU training benchmark skipped")
         return 0
 
-    from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset
+    from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, collate_samples
     from medpipe.training.models import build_model
     from training_store import synthetic_2d, write_store
 
@@ -62,7 +62,7 @@ def main() -> int:
             url = write_store(f"{tmp}/bench.zarr", images, labels, split=np.zeros(args.samples, np.int8))
         ds = ZarrImageDataset(url, "train", cache="none")
         sampler = BlockShuffleSampler(ds, args.batch, seed=0)
-        loader = DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=True,
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_samples, num_workers=args.workers, pin_memory=True,
                             persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
         shape = ds.sample_shape
         fmt = torch.channels_last if len(shape) == 3 else torch.channels_last_3d

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from medpipe.config import StoreConfig  # noqa: E402
-from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset  # noqa: E402
+from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, collate_samples  # noqa: E402
 from training_store import synthetic_2d, write_store  # noqa: E402
 
 BATCH = 256
@@ -77,7 +77,7 @@ def main() -> None:
             for codec, url in stores.items():
                 ds = ZarrImageDataset(url, "train", cache="none")
                 sampler = BlockShuffleSampler(ds, BATCH, seed=0)
-                rates[codec] = _rate(DataLoader(ds, batch_sampler=sampler, **_kw(workers)), args.epochs,
+                rates[codec] = _rate(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_samples, **_kw(workers)), args.epochs,
                                      sampler.set_epoch)
             pers = _rate(DataLoader(persistent, batch_size=BATCH, shuffle=True, **_kw(workers)), args.epochs)
             cach = _rate(DataLoader(cached, batch_size=BATCH, shuffle=True, **_kw(workers)), args.epochs)

@@ -31,7 +31,8 @@ def guarded(action: Callable[[], Any]) -> Any:
 
     try:
         return action()
-    except (MissingKeyError, ManifestError, StoreError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+    except (MissingKeyError, ManifestError, StoreError, FileNotFoundError, NotADirectoryError, ValueError,
+            KeyError) as exc:
         if isinstance(exc, ValidationError):
             _fail("invalid configuration:\n" + "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                          for e in exc.errors()))
@@ -90,13 +91,15 @@ def ingest(
 ) -> None:
     """De-identify SOURCE and ingest it into STORE through the Prefect flow on Dask."""
     from medpipe.deid import resolve_key
+    from medpipe.ingest.pipeline import check_ingest_inputs
 
     cfg = build_ingest_config(
         config, **{"manifest": manifest, "classes": classes.split(",") if classes else None,
                    "preprocess.kind": kind, "preprocess.shape": _ints(shape), "preprocess.channels": channels,
                    "workers": workers, "scheduler": scheduler, "files_per_shard": files_per_shard, "store.codec": codec})
-    if not key_secret:
-        guarded(resolve_key)  # refuse before starting any server when there is no key
+    if not key_secret:  # refuse before starting any server or cluster
+        key = guarded(resolve_key)
+        guarded(lambda: check_ingest_inputs(source, store, cfg, key))
     from flows.ingest import run_ingest
 
     summary = guarded(lambda: run_ingest(source, store, cfg, key_secret=key_secret, show_progress=progress))
@@ -155,6 +158,63 @@ def quarantine(
         table.add_row(by_hash.get(rec["source_hash"], f"(hash {rec['source_hash']}: not in SOURCE now)"),
                       rec["reason"], rec.get("detail", ""))
     console.print(table)
+
+
+@app.command()
+def train(
+    store: str = typer.Argument(..., help="Zarr store made by `medpipe ingest`"),
+    task: str = typer.Option("classify", "--task", help="classify or segment"),
+    out: Optional[Path] = typer.Option(None, help="run folder (default runs/<store name>-<task>)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a `train:` section (or the fields)"),
+    model: Optional[str] = typer.Option(None, help="small-cnn, resnet18, resnet34, densenet121, unet, small-unet"),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
+    resume: bool = typer.Option(False, help="continue a killed run from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="discard checkpoints already in the run folder"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Train a classifier or a segmentation model on STORE (CUDA when present, else CPU)."""
+    from medpipe.training.config import TrainConfig
+
+    cfg = guarded(lambda: load_config(config, TrainConfig, section="train", **{
+        "task": task, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+        "compile": compile}))
+    run_dir = out or Path("runs") / f"{Path(store.rstrip('/')).stem}-{task}"
+    from medpipe.training.engine import check_training_inputs
+
+    guarded(lambda: check_training_inputs(store, cfg, run_dir, resume=resume, overwrite=overwrite))
+    from flows.train import run_train
+
+    summary = guarded(lambda: run_train(store, str(run_dir), cfg, resume=resume, overwrite=overwrite,
+                                        progress=progress))
+    numbers = ", ".join(f"{k} {v:.3f}" for k, v in summary["test_metrics"].items() if isinstance(v, float))
+    console.print(f"model: {summary['best_path']}  ({summary['epochs_completed']} epochs on {summary['device']})\n"
+                  f"test: {numbers}")
+
+
+@app.command()
+def evaluate(
+    store: str = typer.Argument(..., help="the store the model was trained on"),
+    model: Path = typer.Argument(..., help="training run folder (uses best.pt) or a checkpoint file"),
+    out: Optional[Path] = typer.Option(None, help="report folder (default MODEL/report)"),
+    split: str = typer.Option("test", help="train, val or test"),
+    n_boot: int = typer.Option(1000, help="bootstrap resamples for the 95% CIs"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+) -> None:
+    """Evaluate a trained model: metrics with 95% CIs, ROC/confusion/Grad-CAM figures, an HTML report."""
+    from flows.evaluate import run_evaluate
+
+    report_dir = out or (model if model.is_dir() else model.parent) / "report"
+    from medpipe.evaluation.evaluate import load_checked_model
+
+    guarded(lambda: load_checked_model(store, model))
+    result = guarded(lambda: run_evaluate(store, str(model), str(report_dir), split=split, n_boot=n_boot,
+                                          device=device))
+    console.print(result["markdown"])
+    console.print(f"report: {result['report']}")
 
 
 @app.command()

@@ -41,7 +41,7 @@ class PreprocessConfig(_Section):
 class StoreConfig(_Section):
     """Chunking and compression of the training arrays and archive."""
 
-    chunk_bytes: int = Field(default=1 << 20, ge=1 << 12, description="target bytes of one training chunk")
+    chunk_bytes: int = Field(default=4 << 20, ge=1 << 12, description="target bytes of one training chunk")
     chunks_per_shard: int = Field(default=16, ge=1)
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     level: int = Field(default=1, ge=0, le=22, description="Blosc level; 1 measured fastest at ~equal ratio")
@@ -83,14 +83,19 @@ class IngestConfig(_Section):
         return value
 
 
-def load_config(path: str | Path | None, model: type[_Section] = IngestConfig, **overrides: Any) -> Any:
-    """Read a YAML config (or defaults), then apply non-None CLI overrides given as dotted keys."""
+def load_config(path: str | Path | None, schema: type[_Section] = IngestConfig, section: str | None = None,
+                **overrides: Any) -> Any:
+    """Read a YAML config (or defaults), then apply non-None CLI overrides given as dotted keys.
+
+    With `section`, a file may hold several sections (`ingest:`, `train:`); that one is used when present."""
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must hold a mapping")
         data = loaded or {}
+    if section and isinstance(data.get(section), dict):
+        data = data[section]
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -99,4 +104,4 @@ def load_config(path: str | Path | None, model: type[_Section] = IngestConfig, *
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return model.model_validate(data)
+    return schema.model_validate(data)

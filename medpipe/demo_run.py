@@ -33,5 +33,18 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
         result = run_ingest(str(source), store, IngestConfig(preprocess=pre, classes=DEMO_CLASSES), show_progress=True)
         console.print(f"[bold]store[/] {store}\n  {result['accounting']}  ({result['samples']} training samples)")
         made[name] = store
-    console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}")
+    from flows.evaluate import run_evaluate
+    from flows.train import run_train
+    from medpipe.training.config import TrainConfig
+
+    for store_name, task in (("store-2d.zarr", "classify"), ("store-3d.zarr", "segment")):
+        run_dir = out / "runs" / f"{task}"
+        trained = run_train(made[store_name], str(run_dir), TrainConfig(task=task), overwrite=True, progress=True)
+        evaluated = run_evaluate(made[store_name], str(run_dir), str(run_dir / "report"))
+        numbers = ", ".join(f"{k} {v:.3f}" for k, v in trained["test_metrics"].items() if isinstance(v, float))
+        console.print(f"[bold]{task}[/] model {trained['best_path']}\n  test: {numbers}\n"
+                      f"  report: {evaluated['report']}")
+        made[f"report-{task}"] = evaluated["report"]
+    console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}\n"
+                  f"open the classifier report: {made['report-classify']}")
     return made

@@ -59,6 +59,28 @@ class ArchiveOutcome:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
 
 
+def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: DeidKey) -> None:
+    """Fail fast, before any flow starts: missing source, unusable manifest, a store made with another key."""
+    fs, root = source_fs(source)
+    if not fs.exists(root) or not fs.isdir(root):
+        raise FileNotFoundError(f"source folder not found: {source}")
+    load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
+    _check_key(store, key)
+
+
+def _check_key(store: str, key: DeidKey) -> dict[str, Any] | None:
+    """The store's previous attributes (None for a new store); raises if it was made with another key."""
+    try:
+        previous = store_attrs(store) or None
+    except StoreError:
+        previous = None
+    if previous and previous.get("key_fingerprint") not in (None, key.fingerprint):
+        raise KeyMismatchError(
+            f"{store} was de-identified with another key; pseudonyms would not match. Use a new store path "
+            "or the original key.")
+    return previous
+
+
 def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) -> IngestRun:
     """Discover files, load the manifest, check the store's key, and mark a store being (re)built incomplete."""
     fs, root = source_fs(source)
@@ -74,15 +96,7 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) 
     run_fingerprint = hashlib.sha256(json.dumps(
         [listing.fingerprint(), manifest_digest, config.to_dict(), key.fingerprint, __version__], sort_keys=True,
     ).encode()).hexdigest()
-    previous = None
-    try:
-        previous = store_attrs(store) or None
-    except StoreError:
-        previous = None
-    if previous and previous.get("key_fingerprint") not in (None, key.fingerprint):
-        raise KeyMismatchError(
-            f"{store} was de-identified with another key; pseudonyms would not match. Use a new store path "
-            "or the original key.")
+    previous = _check_key(store, key)
     run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.fingerprint, previous)
     if not run.up_to_date:
         root_group = open_store(store, mode="a")

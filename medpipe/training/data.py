@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import zarr
 from monai.data import set_track_meta
 from monai.transforms import (Compose, RandFlipd, RandRotated, RandScaleIntensityd, RandShiftIntensityd)
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from medpipe.store import SPLIT_CODES
 from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError
@@ -201,9 +202,14 @@ class ZarrImageDataset(Dataset):
     def __len__(self) -> int:
         return int(self.indices.size)
 
-    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
-        """A batch of samples read chunk-wise (torch's DataLoader calls this with a batch of positions)."""
+    def __getitems__(self, positions: Sequence[int]) -> "SampleBatch | list[dict[str, Any]]":
+        """A batch of samples read chunk-wise (torch's DataLoader calls this with a batch of positions).
+
+        Without a transform the result is a `SampleBatch`: a sequence of per-sample dicts that also carries the
+        already-stacked batch, which `collate_samples` returns without copying (default_collate works too)."""
         arrays = self.read_arrays(positions)
+        if self.transform is None:
+            return SampleBatch(arrays)
         images = torch.from_numpy(arrays["images"])
         masks = torch.from_numpy(arrays["masks"]) if "masks" in arrays else None
         samples = []
@@ -212,11 +218,10 @@ class ZarrImageDataset(Dataset):
                                       "index": int(arrays["indices"][k])}
             if masks is not None:
                 sample["mask"] = masks[k]
-            if self.transform is not None:
-                sample = self.transform(sample)
-                sample["image"] = torch.as_tensor(sample["image"], dtype=torch.float32)
-                if masks is not None:  # interpolating transforms return float masks; back to labels
-                    sample["mask"] = torch.as_tensor(sample["mask"]).round().to(torch.uint8)
+            sample = self.transform(sample)
+            sample["image"] = torch.as_tensor(sample["image"], dtype=torch.float32)
+            if masks is not None:  # interpolating transforms return float masks; back to labels
+                sample["mask"] = torch.as_tensor(sample["mask"]).round().to(torch.uint8)
             samples.append(sample)
         return samples
 
@@ -229,6 +234,35 @@ class ZarrImageDataset(Dataset):
             return []
         chunk_ids = self.indices // self.chunk_len
         return np.split(np.arange(len(self), dtype=np.int64), np.flatnonzero(np.diff(chunk_ids)) + 1)
+
+
+class SampleBatch(Sequence):
+    """Samples read together: indexable as per-sample dicts, and `.collated` holds the stacked batch tensors.
+
+    Hand-written because default_collate re-stacks per-sample tensors (a copy plus Python work per sample), which
+    costs more than the chunk read itself for small 2D samples."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.collated: dict[str, torch.Tensor] = {
+            "image": torch.from_numpy(arrays["images"]), "label": torch.from_numpy(arrays["labels"]),
+            "index": torch.from_numpy(arrays["indices"])}
+        if "masks" in arrays:
+            self.collated["mask"] = torch.from_numpy(arrays["masks"])
+
+    def __len__(self) -> int:
+        return int(self.collated["image"].shape[0])
+
+    def __getitem__(self, k: int) -> dict[str, Any]:  # type: ignore[override]
+        sample = {key: value[k] for key, value in self.collated.items()}
+        sample["index"] = int(sample["index"])
+        return sample
+
+
+def collate_samples(batch: Any) -> Any:
+    """collate_fn for ZarrImageDataset loaders: the stacked tensors of a SampleBatch as is, else default_collate."""
+    if isinstance(batch, SampleBatch):
+        return batch.collated
+    return default_collate(batch)
 
 
 class BlockShuffleSampler(Sampler[list[int]]):

@@ -31,7 +31,8 @@ from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, Mi
                               StoreNotCompleteError, TrainingError)
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
 from medpipe.training.config import RUNTIME_FIELDS, TrainConfig
-from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, default_augmentation, open_group, seed_worker
+from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
+                                   open_group, seed_worker)
 from medpipe.training.models import build_model, model_task
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -91,6 +92,19 @@ def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str,
         num_outputs = 0  # set from the train masks once loaded
     return {**attrs, "store_url": store_url, "num_outputs": num_outputs, "has_val": bool((split == 1).any()),
             "has_test": bool((split == 2).any())}
+
+
+def check_training_inputs(store_url: str, config: TrainConfig, out_dir: str | Path | None = None,
+                          resume: bool = False, overwrite: bool = False,
+                          storage_options: dict[str, Any] | None = None) -> None:
+    """Raise a TrainingError now (before any flow starts) for an unknown model, a store unfit for the task or a
+    run folder that holds checkpoints already."""
+    if config.task not in model_task(config.model_name()):
+        raise TrainingError(f"model {config.model_name()!r} does not do {config.task!r}")
+    _store_facts(store_url, config, storage_options)
+    if out_dir is not None and not resume and not overwrite and (Path(out_dir) / "last.pt").exists():
+        raise CheckpointExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue that run or "
+                                    "--overwrite to discard it")
 
 
 def _max_mask_label(ds: ZarrImageDataset) -> int:
@@ -159,7 +173,7 @@ def _loader(ds: ZarrImageDataset, config: TrainConfig, batch_size: int, shuffle:
     generator = torch.Generator()
     generator.manual_seed(config.seed)
     return DataLoader(ds, batch_sampler=sampler, num_workers=config.num_workers, worker_init_fn=seed_worker,
-                      generator=generator, pin_memory=device.type == "cuda")
+                      generator=generator, pin_memory=device.type == "cuda", collate_fn=collate_samples)
 
 
 def _start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
@@ -263,7 +277,7 @@ def predict(model: nn.Module, store_url: str, split: str = "test", *, task: str 
     dev = resolve_device(device)
     ds = ZarrImageDataset(store_url, split, task, cache="none", storage_options=storage_options)
     sampler = BlockShuffleSampler(ds, batch_size, shuffle=False)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples)
     model = model.to(dev)
     return _infer(model, loader, task, dev, _amp_dtype("auto", dev), None, progress=progress)
 

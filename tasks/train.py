@@ -1,0 +1,39 @@
+"""Thin Prefect tasks over medpipe.training and medpipe.evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from medpipe.training.config import TrainConfig
+
+TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="train-model", **TASK)
+def train_model(store: str, out_dir: str, config: TrainConfig, resume: bool, overwrite: bool,
+                progress: bool) -> dict[str, Any]:
+    """Train; logs one line per epoch to Prefect. Returns the run summary (paths and numbers only)."""
+    from medpipe.training.engine import train
+
+    logger = get_run_logger()
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                      if isinstance(v, float)))
+
+    result = train(store, out_dir, config, resume=resume, progress=progress, overwrite=overwrite,
+                   on_epoch_end=log_epoch)
+    summary = asdict(result)
+    return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in summary.items()}
+
+
+@task(name="evaluate-model", **TASK)
+def evaluate_model(store: str, model: str, out_dir: str, split: str, n_boot: int, device: str) -> dict[str, Any]:
+    """Metrics, figures and report for a checkpoint; returns paths and the metrics."""
+    from medpipe.evaluation.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(store, model, out_dir, split=split, n_boot=n_boot, device=device)

@@ -17,7 +17,7 @@ from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, Co
                               MissingLabelsError, StoreNotCompleteError, TrainingError, UnknownModelError)
 from medpipe.training.checkpoints import load_checkpoint, load_model, save_checkpoint
 from medpipe.training.config import TrainConfig
-from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, default_augmentation
+from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, default_augmentation, worker_context
 from medpipe.training.engine import predict, train
 from medpipe.training.models import MODEL_NAMES, build_model
 from training_store import make_2d_store, make_3d_store, synthetic_2d, write_store
@@ -109,7 +109,8 @@ def test_workers_return_same_samples(store2d):
 
     def collect(workers: int) -> tuple[np.ndarray, np.ndarray]:
         sampler = BlockShuffleSampler(ds, batch_size=24, seed=1)
-        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                            multiprocessing_context=worker_context(workers))
         batches = list(loader)
         return (np.concatenate([b["index"].numpy() for b in batches]),
                 np.concatenate([b["image"].numpy() for b in batches]))
@@ -131,7 +132,8 @@ def test_s3_store_through_moto(moto_s3, tmp_path):
     batch = s3.__getitems__(list(range(40)))
     assert np.array_equal(torch.stack([s["image"] for s in batch]).numpy(), images)
     assert np.array_equal(local.read_arrays(range(40))["images"], s3.read_arrays(range(40))["images"])
-    loader = DataLoader(s3, batch_sampler=BlockShuffleSampler(s3, 16), num_workers=2)
+    loader = DataLoader(s3, batch_sampler=BlockShuffleSampler(s3, 16), num_workers=2,
+                        multiprocessing_context=worker_context(2))
     assert sorted(np.concatenate([b["index"].numpy() for b in loader]).tolist()) == list(range(40))
 
 

@@ -326,3 +326,10 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed)
+
+
+def worker_context(num_workers: int) -> str | None:
+    """Start DataLoader workers with spawn: training runs inside Prefect (and next to Dask), whose threads and
+    logging handlers a plain fork would copy in a half-held state. (forkserver children would also start clean but
+    keep the environment of the moment the server started, e.g. without AWS credentials set later.)"""
+    return "spawn" if num_workers > 0 else None

@@ -32,7 +32,7 @@ from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, Mi
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
 from medpipe.training.config import RUNTIME_FIELDS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
-                                   open_group, seed_worker)
+                                   open_group, seed_worker, worker_context)
 from medpipe.training.models import build_model, model_task
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -173,7 +173,8 @@ def _loader(ds: ZarrImageDataset, config: TrainConfig, batch_size: int, shuffle:
     generator = torch.Generator()
     generator.manual_seed(config.seed)
     return DataLoader(ds, batch_sampler=sampler, num_workers=config.num_workers, worker_init_fn=seed_worker,
-                      generator=generator, pin_memory=device.type == "cuda", collate_fn=collate_samples)
+                      generator=generator, pin_memory=device.type == "cuda", collate_fn=collate_samples,
+                      multiprocessing_context=worker_context(config.num_workers))
 
 
 def _start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
@@ -277,7 +278,8 @@ def predict(model: nn.Module, store_url: str, split: str = "test", *, task: str 
     dev = resolve_device(device)
     ds = ZarrImageDataset(store_url, split, task, cache="none", storage_options=storage_options)
     sampler = BlockShuffleSampler(ds, batch_size, shuffle=False)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
+                        multiprocessing_context=worker_context(num_workers))
     model = model.to(dev)
     return _infer(model, loader, task, dev, _amp_dtype("auto", dev), None, progress=progress)
 

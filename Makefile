@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m medpipe.demo_run --out $(DEMO)
+	$(VENV)/bin/medpipe demo --out $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -1071,16 +1071,23 @@ def _text_sr_dataset(pat: _Patient, st: _Study) -> Dataset:
     return ds
 
 
+def _extra_image_dataset(pat: _Patient, st: _Study, sop_class: str, key: str, series_number: int,
+                         description: str, image_type: str) -> Dataset:
+    """Header of a one-image series of the mixed-folder extras (US, XA), with the patient's fake PHI."""
+    ds = _new_dataset(sop_class, _uid(-1, "defective", key), key.upper())
+    _add_patient_study(ds, pat, st)
+    ds.SeriesTime, ds.ContentTime = _times(st, series_number, 1)
+    ds.SeriesInstanceUID = _uid(-1, "defective", f"{key}-series")
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type]
+    return ds
+
+
 def _us_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
     """Single-frame RGB ultrasound image (uint8, SamplesPerPixel 3, interleaved)."""
-    ds = _new_dataset(US_IMAGE_SOP, _uid(-1, "defective", "us"), "US")
-    _add_patient_study(ds, pat, st)
-    ds.SeriesTime, ds.ContentTime = _times(st, 5, 1)
-    ds.SeriesInstanceUID = _uid(-1, "defective", "us-series")
-    ds.SeriesNumber = 5
-    ds.SeriesDescription = "ABDOMEN US"
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"]
+    ds = _extra_image_dataset(pat, st, US_IMAGE_SOP, "us", 5, "ABDOMEN US", "ABDOMINAL")
     h, w = 96, 128
     yy, xx = np.mgrid[:h, :w]
     fan = ((xx - w / 2) ** 2 + yy**2 < (0.9 * h) ** 2) & (np.abs(xx - w / 2) < yy * 0.9 + 4)
@@ -1097,14 +1104,7 @@ def _us_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
 
 def _xa_multiframe_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
     """8-frame XA cine run, uint16 12-bit MONOCHROME2."""
-    ds = _new_dataset(XA_IMAGE_SOP, _uid(-1, "defective", "xa"), "XA")
-    _add_patient_study(ds, pat, st)
-    ds.SeriesTime, ds.ContentTime = _times(st, 6, 1)
-    ds.SeriesInstanceUID = _uid(-1, "defective", "xa-series")
-    ds.SeriesNumber = 6
-    ds.SeriesDescription = "CORONARY CINE"
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds = _extra_image_dataset(pat, st, XA_IMAGE_SOP, "xa", 6, "CORONARY CINE", "SINGLE PLANE")
     ds.NumberOfFrames = 8
     ds.FrameTime = 66.7
     ds.CineRate = 15

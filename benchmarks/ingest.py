@@ -40,11 +40,12 @@ def ingest_with(mapper, source: str, store: str, config: IngestConfig) -> dict:
     plan, tags = pipeline.plan_ingest(run, [r for s in scans for r in s], key)
     shards = pipeline.unit_shards(run, plan)
     n = len(shards)
-    archived = mapper(archive.archive_shard, [source] * n, [store] * n, shards, [key] * n, [config.store] * n, [tags] * n)
+    shard_tags = [{u["id"]: tags[u["id"]] for u in shard} for shard in shards]
+    archived = mapper(archive.archive_shard, [source] * n, [store] * n, shards, [key] * n, [config.store] * n, shard_tags)
     outcome = pipeline.collect_archive(plan, archived)
     layout, fingerprint = pipeline.lay_out_ingest(run, outcome)
     m = len(layout.ranges)
-    mapper(training.assemble_range, [store] * m, [layout] * m, [r[0] for r in layout.ranges],
+    mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges], [r[0] for r in layout.ranges],
            [r[1] for r in layout.ranges], [config.preprocess] * m)
     return pipeline.finish_ingest(run, outcome, layout, fingerprint)
 
@@ -106,7 +107,7 @@ def main() -> None:
     patients = max(1, args.small_files // (2 * 2 * per_study))
     if not small.exists():
         generate_demo_dataset(small, DemoSpec(patients=patients, studies_per_patient=2, xray_per_study=per_study,
-                                              png_per_study=per_study, ct_series_per_study=0, image_size=64))
+                                              png_per_study=per_study, ct_series_per_study=0, image_size=128))
     small_cfg = IngestConfig(files_per_shard=256, classes=["none", "lesion"])
     with timed(t, "bare_dask"):
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \

@@ -29,14 +29,15 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, k
     plan, tags = t.plan_units(run, scans, key)
 
     shards = unit_shards(run, plan)
-    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), unmapped(tags)),
+    shard_tags = [{u["id"]: tags[u["id"]] for u in shard} for shard in shards]  # send each task only its own
+    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags),
                       "archive", show_progress)
     outcome = collect_archive(plan, archived)
 
     layout, fingerprint = t.lay_out_training(run, outcome)
     starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
-    gather(t.assemble_shard.map(store, unmapped(layout), starts, stops, unmapped(cfg.preprocess)), "assemble",
-           show_progress)
+    parts = [layout.for_range(a, b) for a, b in layout.ranges]
+    gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess)), "assemble", show_progress)
 
     summary = t.finalize(run, outcome, layout, fingerprint)
     create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),

@@ -3,7 +3,7 @@ then fill the fixed-shape arrays shard by shard (each writing task owns whole sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,13 @@ class TrainingLayout:
     target_spacing: tuple[float, float, float] | None
     excluded: list[dict[str, Any]] = field(default_factory=list)
     splits: dict[str, int] = field(default_factory=dict)
+    offset: int = 0  # index of unit_ids[0] in the training arrays (non-zero for a range's slice)
+
+    def for_range(self, start: int, stop: int) -> "TrainingLayout":
+        """A copy that carries only the unit ids of [start, stop): what one assembling task needs to be sent."""
+        return replace(self, unit_ids=self.unit_ids[start - self.offset : stop - self.offset],
+                       modalities=self.modalities[start - self.offset : stop - self.offset],
+                       excluded=[], offset=start)
 
 
 def _target_spacing(config: PreprocessConfig, fingerprint: dict[str, Any], modalities: set[str]) -> tuple | None:
@@ -92,7 +99,7 @@ def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int
     root = open_store(store_url, mode="a")
     images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
     masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
-    for offset, unit_id in enumerate(layout.unit_ids[start:stop]):
+    for offset, unit_id in enumerate(layout.unit_ids[start - layout.offset : stop - layout.offset]):
         pixels, mask, attrs = read_archive_image(root, unit_id)
         modality = attrs.get("modality", "OT")
         spacing = tuple(attrs["spacing"]) if pixels.ndim == 4 else tuple(attrs["spacing"][1:])

@@ -18,7 +18,7 @@ class TrainConfig(_Section):
 
     task: Literal["classify", "segment"] = "classify"
     model: str = Field(default="auto", description="registry name; auto = small-cnn (classify) / small-unet (segment)")
-    epochs: int = Field(default=12, ge=1)
+    epochs: int = Field(default=20, ge=1)
     batch_size: int | None = Field(default=None, ge=1, description="None = 32 (classify) / 4 (segment)")
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)

@@ -21,7 +21,6 @@ import zarr.codecs as zc
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-from medpipe import __version__
 from medpipe.config import StoreConfig
 
 SCHEMA_VERSION = 1

@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/medpipe demo --out $(DEMO)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check medpipe tasks flows
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra tests
 
 bench: $(STAMP)

@@ -21,7 +21,7 @@ from benchmarks._common import folder_bytes, ratio_line, timed  # noqa: E402
 from medpipe.config import IngestConfig, PreprocessConfig  # noqa: E402
 from medpipe.deid import resolve_key  # noqa: E402
 from medpipe.demo import DemoSpec, generate_demo_dataset  # noqa: E402
-from medpipe.ingest import archive, pipeline, scan, training  # noqa: E402
+from medpipe.ingest import archive, duplicates, pipeline, scan, training  # noqa: E402
 
 
 def bare_decode(source: Path) -> None:
@@ -37,17 +37,22 @@ def ingest_with(mapper, source: str, store: str, config: IngestConfig) -> dict:
     key = resolve_key()
     run = pipeline.prepare_ingest(source, store, config, key)
     scans = mapper(scan.scan_shard, [source] * len(run.scan_shards()), run.scan_shards(), [key] * len(run.scan_shards()))
-    plan, tags = pipeline.plan_ingest(run, [r for s in scans for r in s], key)
+    records = [r for s in scans for r in s]
+    checks = pipeline.duplicate_checks(run, records)
+    digests: dict[int, str | None] = {}
+    for part in mapper(duplicates.pixel_digests, [source] * len(checks), checks):
+        digests.update(part)
+    plan, tags = pipeline.plan_ingest(run, records, digests, key)
     shards = pipeline.unit_shards(run, plan)
     n = len(shards)
-    shard_tags = [{u["id"]: tags[u["id"]] for u in shard} for shard in shards]
+    shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]
     archived = mapper(archive.archive_shard, [source] * n, [store] * n, shards, [key] * n, [config.store] * n, shard_tags)
-    outcome = pipeline.collect_archive(plan, archived)
+    outcome = pipeline.collect_archive(archived)
     layout, fingerprint = pipeline.lay_out_ingest(run, outcome)
     m = len(layout.ranges)
     mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges], [r[0] for r in layout.ranges],
            [r[1] for r in layout.ranges], [config.preprocess] * m)
-    return pipeline.finish_ingest(run, outcome, layout, fingerprint)
+    return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key)
 
 
 def serial(fn, *iterables):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.runtime import dask_task_runner, gather, load_key, shared_api_server
 from medpipe.config import IngestConfig
-from medpipe.ingest.pipeline import collect_archive, unit_shards
+from medpipe.ingest.pipeline import collect_archive, duplicate_checks, unit_shards
 from medpipe.report import ingest_markdown
 from tasks import ingest as t
 
@@ -23,23 +23,29 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, k
     key = load_key(key_secret)
     run = t.prepare(source, store, cfg, key)
     if run.up_to_date:
-        return {**run.previous, "noop": True}
+        return {**(run.previous or {}), "noop": True}
 
-    scans = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key)), "scan", show_progress)
-    plan, tags = t.plan_units(run, scans, key)
+    scanned = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key)), "scan", show_progress)
+    scans = [record for shard in scanned for record in shard]
+    digests: dict[int, str | None] = {}
+    for part in gather(t.compare_duplicates.map(source, duplicate_checks(run, scans)), "duplicates", show_progress):
+        digests.update(part)
+    plan, tags = t.plan_units(run, scans, digests, key)
 
     shards = unit_shards(run, plan)
-    shard_tags = [{u["id"]: tags[u["id"]] for u in shard} for shard in shards]  # send each task only its own
+    shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]  # send each task only its own
     archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags),
                       "archive", show_progress)
-    outcome = collect_archive(plan, archived)
+    outcome = collect_archive(archived)
 
     layout, fingerprint = t.lay_out_training(run, outcome)
     starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
     parts = [layout.for_range(a, b) for a, b in layout.ranges]
     gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess)), "assemble", show_progress)
 
-    summary = t.finalize(run, outcome, layout, fingerprint)
+    summary = t.finalize(run, plan, outcome, layout, fingerprint, key)
+    for warning in summary["warnings"]:
+        get_run_logger().warning("%s", warning)
     create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),
                              description="medpipe ingest: accounting, quarantine reasons, fingerprint")
     return summary

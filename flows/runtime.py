@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -61,7 +62,7 @@ def _drain_prefect_services() -> None:
             pass
 
 
-def dask_task_runner(scheduler: str | None = None, workers: int = 2) -> DaskTaskRunner:
+def dask_task_runner(scheduler: str | None = None, workers: int = 2) -> TaskRunner[Any]:
     """An existing scheduler when an address is given (or $MEDPIPE_DASK_SCHEDULER), else a LocalCluster."""
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     if address:
@@ -75,7 +76,8 @@ def load_key(key_secret: str | None = None) -> DeidKey:
     if key_secret:
         from prefect.blocks.system import Secret
 
-        return resolve_key(str(Secret.load(key_secret).get()))
+        secret = cast(Secret, Secret.load(key_secret))  # called from sync code: the sync variant of load
+        return resolve_key(str(secret.get()))
     return resolve_key()
 
 

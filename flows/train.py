@@ -21,7 +21,9 @@ def train_flow(store: str, out_dir: str, config: dict[str, Any] | None = None, r
     summary = train_model(store, out_dir, cfg, resume, overwrite, progress)
     rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in epoch.items()} for epoch in summary["history"]]
     if rows:
-        create_table_artifact(key="train-history", table=rows, description="medpipe training: metrics per epoch")
+        create_table_artifact(key="train-history", table=rows,
+                              description=f"medpipe training: metrics per epoch (validation: {summary['validation']}; "
+                                          f"test: {summary['testing']})")
     return summary
 
 

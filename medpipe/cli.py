@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -13,12 +14,23 @@ from rich.table import Table
 from medpipe.config import IngestConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+# On a terminal rich fits tables to its width; piped or captured output (logs, CI) gets a fixed, wide layout.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+def one_line(message: str) -> str:
+    """A message as one line, whatever its content: newlines and runs of spaces become single spaces."""
+    return " ".join(str(message).split())
+
+
+def _fail(message: str) -> NoReturn:
+    # typer.echo, not the rich console: rich wraps at the terminal width, and an error must stay one line.
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code=2)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"WARNING: {one_line(message)}", err=True)
 
 
 def guarded(action: Callable[[], Any]) -> Any:
@@ -32,8 +44,8 @@ def guarded(action: Callable[[], Any]) -> Any:
     except (MissingKeyError, ManifestError, StoreError, FileNotFoundError, NotADirectoryError, ValueError,
             KeyError) as exc:
         if isinstance(exc, ValidationError):
-            _fail("invalid configuration:\n" + "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                         for e in exc.errors()))
+            _fail("invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                        for e in exc.errors()))
         _fail(str(exc))
 
 
@@ -104,6 +116,8 @@ def ingest(
     if summary.get("noop"):
         console.print("store is up to date with the source: nothing to do")
     console.print(f"store: {store}\n{summary['accounting']}")
+    for warning in summary.get("warnings", []):
+        _warn(warning)
 
 
 @app.command()
@@ -124,11 +138,25 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
         table.add_row(k, str(v))
     table.add_row("kind / sample shape", f"{attrs['kind']} {attrs['sample_shape']}")
     table.add_row("classes", ", ".join(attrs["classes"]) or "(unlabelled)")
-    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in attrs["splits"].items()))
+    patients = attrs.get("split_patients", {})
+    table.add_row("splits (samples / patients)",
+                  ", ".join(f"{k} {v}/{patients.get(k, '?')}" for k, v in attrs["splits"].items()))
+    assembly = attrs.get("assembly", {})
+    if assembly:
+        table.add_row("volumes / 2D images", f"{assembly['volumes']} / {assembly['images_2d']}")
+        table.add_row("series split into acquisitions", str(assembly["series_split"]))
+        for name, n in assembly["acquisitions"].items():
+            table.add_row(f"acquisitions: {name}", str(n))
+        for note, n in assembly["notes"].items():
+            table.add_row(f"noted: {note}", str(n))
+        table.add_row("SOPInstanceUID collisions", str(assembly["uid_collisions"]))
+        table.add_row("patient identity from", ", ".join(f"{k} {v}" for k, v in assembly["patient_sources"].items()))
     for reason, n in sorted(attrs.get("quarantine_reasons", {}).items()):
         table.add_row(f"quarantined: {reason}", str(n))
     table.add_row("content hash", attrs["content_hash"])
     console.print(table)
+    for warning in attrs.get("warnings", []):
+        _warn(warning)
     fp = Table("modality", "images", "median spacing (z,y,x mm)", "median shape (c,z,y,x)", "p0.5", "p99.5", title="fingerprint")
     for modality, entry in attrs["fingerprint"]["modalities"].items():
         inten = entry.get("intensity") or {}

@@ -62,6 +62,10 @@ class SplitConfig(_Section):
         return self
 
 
+# Settings that change where and how fast ingestion runs, never what it produces.
+INGEST_RUNTIME_FIELDS = frozenset({"workers", "scheduler", "files_per_shard"})
+
+
 class IngestConfig(_Section):
     """Everything `medpipe ingest` needs besides SOURCE, STORE and the key."""
 
@@ -72,8 +76,16 @@ class IngestConfig(_Section):
     classes: list[str] | None = Field(default=None, description="declared class names; default: from the manifest")
     files_per_shard: int = Field(default=256, ge=1, description="files per parallel work unit")
     order_seed: int = Field(default=0, description="seed of the sample order in the training arrays")
+    patient_folder_depth: int | None = Field(
+        default=None, ge=1, description="non-DICOM files without a manifest patient_id: how many leading folders of "
+        "the path name the patient (1 for PATIENT/study/file); None = auto (see docs/store.md)")
     workers: int = Field(default=2, ge=1, description="LocalCluster workers when no scheduler is given")
     scheduler: str | None = Field(default=None, description="address of an existing Dask scheduler, tcp://host:8786")
+
+    def lineage_dict(self) -> dict[str, Any]:
+        """What the data depends on (recorded in the store and its run fingerprint): no runtime settings, so
+        `--workers 4` or another scheduler never re-ingests anything."""
+        return {k: v for k, v in self.to_dict().items() if k not in INGEST_RUNTIME_FIELDS}
 
     @field_validator("classes")
     @classmethod

@@ -31,6 +31,8 @@ PROFILE_CODES = (
     ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
 )
 MAX_DATE_SHIFT_DAYS = 3650
+# Bump whenever KEPT_FIELDS or an action changes: every archived unit is de-identified again on the next run.
+DEID_RULES_VERSION = 2
 
 
 class MissingKeyError(RuntimeError):

@@ -103,10 +103,14 @@ BASIC_TEXT_SR_SOP = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
 XRAY_PIXEL_SPACING = 0.5  # mm
 CT_PIXEL_SPACING = 0.8  # mm
 CT_SLICE_THICKNESS = 2.5  # mm
-CT_BODY_HU = 40.0
+CT_BODY_HU = 40.0  # soft tissue before the per-patient offset
 CT_AIR_HU = -1000.0
-CT_NOISE_HU = 15.0
-CT_LESION_CONTRAST_HU = 120.0
+CT_LUNG_HU = -850.0
+CT_FAT_HU = -100.0
+CT_HU_OFFSET = (-25.0, 25.0)  # per-patient soft-tissue/lung/fat offset (scanner calibration, anatomy)
+CT_NOISE_HU = (12.0, 22.0)  # per-patient noise sd
+CT_LESION_CNR = (1.0, 2.0)  # lesion contrast / noise sd (before partial volume and blur)
+CT_VESSELS = (2, 6)  # vessels along z per series (hard negatives), contrast 1.5-3 noise sd
 CT_RESCALE_INTERCEPT = -1024
 
 XRAY_LESION_RADIUS = (6.0, 14.0)  # px at image_size 128
@@ -114,9 +118,14 @@ XRAY_SMALL_BELOW = 10.0  # px at image_size 128
 CT_LESION_RADIUS = (4.0, 9.0)  # voxels at ct_size 64
 CT_SMALL_BELOW = 6.5  # voxels at ct_size 64
 
-_BANK_SIZE = 8  # backgrounds per (seed, image_size)
-_XRAY_NOISE = 0.015  # noise sd, fraction of full scale
-_XRAY_LESION_AMPLITUDE = 0.22  # blob brightness, fraction of full scale
+XRAY_LESION_CNR = (6.0, 10.0)  # lesion peak contrast / the image's pixel-noise sd (before the 2x downsampling of training)
+XRAY_NOISE = (0.02, 0.04)  # per-patient pixel-noise sd, fraction of full scale
+XRAY_GAIN = (0.8, 1.15)  # per-patient intensity gain
+XRAY_OFFSET = (-0.06, 0.06)  # per-patient intensity offset, fraction of full scale
+XRAY_CLUTTER = 0.4  # sd of smooth anatomical clutter, in units of the pixel-noise sd
+XRAY_VESSELS = (1, 6)  # end-on vessels per image: [low, high) count, radius 1.5-3.5 px, contrast 1.5-3 sd
+XRAY_MIMIC_CNR = (2.5, 4.5)  # contrast of those structures / pixel-noise sd
+XRAY_MIMIC_P = 0.5  # chance per image of an elongated lesion-sized structure (rib crossing / oblique vessel)
 
 _SURNAMES = (
     "DOE", "SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS",
@@ -160,7 +169,7 @@ _XRAY_VIEWS = ("PA", "AP")
 _CT_SERIES_DESCRIPTIONS = ("AXIAL 2.5MM", "CHEST W/O CONTRAST 2.5MM", "THORAX SOFT TISSUE")
 
 _DATE0 = _dt.date(2015, 1, 1)
-_TAG_PHI, _TAG_STUDY, _TAG_XRAY, _TAG_PNG, _TAG_CT, _TAG_BANK = 1, 2, 3, 4, 5, 6
+_TAG_PHI, _TAG_STUDY, _TAG_XRAY, _TAG_PNG, _TAG_CT, _TAG_ANATOMY = 1, 2, 3, 4, 5, 6
 
 
 # --------------------------------------------------------------------------------------
@@ -239,7 +248,6 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoSpec) -> DemoSummary:
     root.mkdir(parents=True, exist_ok=True)
     out = _Output(root)
     patients = _plan_patients(spec)
-    bank = _background_bank(spec.seed, spec.image_size)
     rows: list[tuple[str, str, str, str]] = []
     rows_mc: list[tuple[str, str, str, str]] = []
     phi: dict[str, list[str]] = {
@@ -260,11 +268,11 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoSpec) -> DemoSummary:
             png_lesion = _balanced_labels(srng, spec.png_per_study)
             xray_common = _encode_elements(_xray_common(pat, st, spec.image_size, spec.image_size))
             for i in range(spec.xray_per_study):
-                rel, cls = _write_xray(out, spec, bank, pat, st, i, bool(xray_lesion[i]), xray_common)
+                rel, cls = _write_xray(out, spec, pat, st, i, bool(xray_lesion[i]), xray_common)
                 rows.append((rel, "lesion" if cls != "none" else "none", "", ""))
                 rows_mc.append((rel, cls, "", ""))
             for i in range(spec.png_per_study):
-                rel, cls = _write_png(out, spec, bank, pat, st, i, bool(png_lesion[i]))
+                rel, cls = _write_png(out, spec, pat, st, i, bool(png_lesion[i]))
                 rows.append((rel, "lesion" if cls != "none" else "none", "", pat.pid))
                 rows_mc.append((rel, cls, "", pat.pid))
             for j in range(spec.ct_series_per_study):
@@ -339,10 +347,10 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
     )
 
     size = 96
-    bank = _background_bank(0, size)
+    anatomy = _xray_anatomy(0, 2**31, size)  # a patient index no demo cohort uses
 
     def dx(tag: str) -> Dataset:
-        img = _render_2d(bank, rng, size, (size / 2, size / 2, 10.0))
+        img = _render_2d(anatomy, rng, size, (size / 2, size / 2, 10.0, 2.0))
         return _xray_dataset(pat, st, _uid(-1, "defective", tag), _uid(-1, "defective", tag, "series"),
                              1, "PA", _to_uint12(img))
 
@@ -497,67 +505,106 @@ def _max_shift(size: int) -> int:
     return max(1, size // 32)
 
 
-@functools.lru_cache(maxsize=8)
-def _background_bank(seed: int, size: int) -> np.ndarray:
-    """``(_BANK_SIZE, size + 2m, size + 2m)`` float32 chest-like backgrounds in [0, 1] (read-only).
+def _soft_inside(u: np.ndarray, v: np.ndarray, cu: float, cv: float, au: float, av: float, edge: float) -> np.ndarray:
+    """Soft indicator (0..1) of the ellipse centred (cu, cv) with semi-axes (au, av), in normalised units."""
+    d = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
+    return 1.0 / (1.0 + np.exp((d - 1.0) / (edge / min(au, av) + 0.02)))
 
-    The margin ``m = _max_shift(size)`` lets :func:`_render_2d` crop a randomly shifted window.
+
+@functools.lru_cache(maxsize=64)
+def _xray_anatomy(seed: int, p: int, size: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """One patient's chest: (background, lung weight, gain, offset, noise sd).
+
+    ``background`` and ``lung`` are ``(size + 2m, size + 2m)`` float32 (read-only) with margin
+    ``m = _max_shift(size)`` so that :func:`_render_2d` can crop a shifted window. Body and lung
+    shapes, mediastinum, ribs and the intensity gain/offset/noise level are drawn per patient.
     """
-    rng = np.random.default_rng([seed, _TAG_BANK, size])
+    rng = np.random.default_rng([seed, _TAG_ANATOMY, p, size])
     m = _max_shift(size)
     grid = np.linspace(-1 - 2.0 * m / size, 1 + 2.0 * m / size, size + 2 * m)
     v, u = np.meshgrid(grid, grid, indexing="ij")
-    edge = 2.0 / size * 1.5  # soft edge width in normalised units
-
-    def inside(cu: float, cv: float, au: float, av: float) -> np.ndarray:
-        d = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
-        return 1.0 / (1.0 + np.exp((d - 1.0) / (edge / min(au, av) + 0.02)))
-
-    bank = np.empty((_BANK_SIZE, size + 2 * m, size + 2 * m), dtype=np.float32)
-    for b in range(_BANK_SIZE):
-        j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - small jitter helper
-        img = 0.06 + 0.46 * inside(j(0.03), 0.1 + j(0.03), 0.88 + j(0.05), 1.05 + j(0.05))
-        lung_l = inside(-0.42 + j(0.04), -0.08 + j(0.05), 0.28 + j(0.04), 0.62 + j(0.06))
-        lung_r = inside(0.42 + j(0.04), -0.08 + j(0.05), 0.3 + j(0.04), 0.64 + j(0.06))
-        lungs = np.clip(lung_l + lung_r, 0, 1)
-        img -= 0.26 * lungs
-        freq, phase, bend = 14 + j(2), float(rng.uniform(0, 2 * np.pi)), 1.5 + j(0.5)
-        img += 0.05 * lungs * (0.5 + 0.5 * np.sin(freq * v + phase - bend * u**2))
-        img += 0.16 * np.exp(-((u - j(0.03)) / (0.13 + j(0.02))) ** 2) * (v > -0.85)
-        img += 0.10 * inside(j(0.05), 0.95 + j(0.05), 0.9, 0.35)  # diaphragm / abdomen
-        for _ in range(6):  # low-frequency blobs
-            cu, cv, sd, amp = j(0.8), j(0.8), float(rng.uniform(0.15, 0.45)), j(0.05)
-            img += amp * np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * sd**2))
-        bank[b] = np.clip(img, 0.0, 1.0)
-    bank.setflags(write=False)
-    return bank
+    edge = 2.0 / size * 1.5
+    uni = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731 - small helper
+    img = 0.06 + 0.46 * _soft_inside(u, v, uni(-0.04, 0.04), uni(0.05, 0.15), uni(0.72, 0.95), uni(0.95, 1.12), edge)
+    lung_h, lung_y = uni(0.5, 0.7), uni(-0.14, -0.02)
+    lungs = np.clip(
+        _soft_inside(u, v, -uni(0.34, 0.46), lung_y + uni(-0.03, 0.03), uni(0.22, 0.34), lung_h * uni(0.95, 1.05), edge)
+        + _soft_inside(u, v, uni(0.34, 0.46), lung_y + uni(-0.03, 0.03), uni(0.22, 0.34), lung_h * uni(0.95, 1.05), edge),
+        0, 1)
+    img -= uni(0.2, 0.32) * lungs
+    freq, phase, bend = uni(11, 17), uni(0, 2 * np.pi), uni(1.0, 2.0)
+    img += uni(0.03, 0.06) * lungs * (0.5 + 0.5 * np.sin(freq * v + phase - bend * u**2))  # ribs
+    img += uni(0.12, 0.2) * np.exp(-((u - uni(-0.03, 0.03)) / uni(0.1, 0.17)) ** 2) * (v > -0.85)  # mediastinum
+    img += uni(0.06, 0.12) * _soft_inside(u, v, uni(-0.05, 0.05), uni(0.85, 1.05), 0.9, 0.35, edge)  # diaphragm
+    gain, offset = uni(*XRAY_GAIN), uni(*XRAY_OFFSET)
+    noise = uni(*XRAY_NOISE)
+    bg, lung = np.clip(img, 0.0, 1.0).astype(np.float32), lungs.astype(np.float32)
+    bg.setflags(write=False)
+    lung.setflags(write=False)
+    return bg, lung, gain, offset, noise
 
 
-def _plan_2d_lesion(rng: np.random.Generator, size: int) -> tuple[float, float, float]:
-    """Draw a lesion (cy, cx, radius) for a ``size`` px image: radius 6-14 px at 128 px."""
+def _plan_2d_lesion(rng: np.random.Generator, size: int, lung: np.ndarray) -> tuple[float, float, float, float]:
+    """Draw a lesion (cy, cx, radius, contrast in noise sd) for a ``size`` px image.
+
+    Radius 6-14 px at 128 px; centre in the central 70 % of the image, inside a lung when one
+    of 20 draws lands there (``lung`` is the patient's lung weight, cropped to the image).
+    """
     scale = size / 128.0
     radius = float(rng.uniform(*XRAY_LESION_RADIUS)) * scale
-    cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
-    return float(cy), float(cx), radius
+    cnr = float(rng.uniform(*XRAY_LESION_CNR))
+    cands = rng.uniform(0.15 * size, 0.85 * size, size=(20, 2))
+    in_lung = lung[cands[:, 0].astype(int), cands[:, 1].astype(int)] > 0.5
+    cy, cx = cands[int(np.argmax(in_lung))]
+    return float(cy), float(cx), radius, cnr
+
+
+def _add_blob(img: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float, amp: float,
+              edge: float) -> None:
+    """Add an ellipse (semi-axes ry, rx px, rotated by ``angle``) of peak ``amp`` with a soft edge, in place."""
+    size = img.shape[0]
+    reach = max(ry, rx) + 4 * edge + 2
+    y0, y1 = max(0, int(cy - reach)), min(size, int(cy + reach) + 1)
+    x0, x1 = max(0, int(cx - reach)), min(size, int(cx + reach) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    c, s = np.cos(angle), np.sin(angle)
+    a, b = (yy - cy) * c + (xx - cx) * s, -(yy - cy) * s + (xx - cx) * c
+    d = np.sqrt((a / ry) ** 2 + (b / rx) ** 2, dtype=np.float32) * min(ry, rx)  # ~px from the centre
+    img[y0:y1, x0:x1] += np.float32(amp) / (1.0 + np.exp((d - min(ry, rx)) / np.float32(edge)))
 
 
 def _render_2d(
-    bank: np.ndarray, rng: np.random.Generator, size: int, lesion: tuple[float, float, float] | None
+    anatomy: tuple[np.ndarray, np.ndarray, float, float, float], rng: np.random.Generator, size: int,
+    lesion: tuple[float, float, float, float] | None,
 ) -> np.ndarray:
-    """One 2D image in [0, 1] (float32): shifted/scaled bank background + noise + optional blob."""
-    bg = bank[int(rng.integers(len(bank)))]
+    """One 2D image in [0, 1] (float32): shifted patient anatomy, clutter, hard negatives, lesion, noise."""
+    bg, lung, gain, offset, noise = anatomy
     m = _max_shift(size)
     dy, dx = (int(x) for x in rng.integers(0, 2 * m + 1, size=2))
-    img = bg[dy : dy + size, dx : dx + size] * np.float32(rng.uniform(0.92, 1.08))
-    img += np.float32(rng.uniform(-0.03, 0.03))
-    img += rng.standard_normal((size, size), dtype=np.float32) * np.float32(_XRAY_NOISE)
+    from scipy.ndimage import gaussian_filter
+
+    clutter = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), size / 40.0, mode="reflect")
+    clutter *= np.float32(XRAY_CLUTTER * noise / max(float(clutter.std()), 1e-6))
+    img = bg[dy : dy + size, dx : dx + size] * np.float32(gain * rng.uniform(0.97, 1.03))
+    img += np.float32(offset + rng.uniform(-0.01, 0.01)) + clutter
+    scale = size / 128.0
+    lung_win = lung[dy : dy + size, dx : dx + size]
+    for _ in range(int(rng.integers(*XRAY_VESSELS))):  # vessels seen end-on: small, bright, round
+        cy, cx = rng.uniform(0.1 * size, 0.9 * size, size=2)
+        r = float(rng.uniform(1.5, 3.5)) * scale
+        _add_blob(img, cy, cx, r, r, 0.0, float(rng.uniform(1.5, 3.0)) * noise * (0.5 + lung_win[int(cy), int(cx)]),
+                  0.6 * scale + 0.3)
+    if rng.random() < XRAY_MIMIC_P:  # rib crossing / oblique vessel: lesion-sized but elongated
+        cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
+        r = float(rng.uniform(2.5, 5.0)) * scale
+        _add_blob(img, cy, cx, r, r * float(rng.uniform(2.2, 3.2)), float(rng.uniform(0, np.pi)),
+                  float(rng.uniform(*XRAY_MIMIC_CNR)) * noise, 1.0 * scale + 0.3)
     if lesion is not None:
-        cy, cx, r = lesion
-        y0, y1 = max(0, int(cy - r - 4)), min(size, int(cy + r + 5))
-        x0, x1 = max(0, int(cx - r - 4)), min(size, int(cx + r + 5))
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2, dtype=np.float32)
-        img[y0:y1, x0:x1] += np.float32(_XRAY_LESION_AMPLITUDE) / (1.0 + np.exp((d - r) / np.float32(0.8)))
+        cy, cx, r, cnr = lesion
+        _add_blob(img, cy, cx, r, r, 0.0, cnr * noise, max(1.0, 0.2 * r))
+    img += rng.standard_normal((size, size), dtype=np.float32) * np.float32(noise)
     return np.clip(img, 0.0, 1.0, out=img)
 
 
@@ -570,16 +617,18 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _image_2d(
-    spec: DemoSpec, bank: np.ndarray, tag: int, p: int, s: int, i: int, has_lesion: bool
-) -> tuple[np.ndarray, tuple[float, float, float] | None]:
-    """Rendered image in [0, 1] and its lesion (or None) for one 2D file."""
+    spec: DemoSpec, tag: int, p: int, s: int, i: int, has_lesion: bool
+) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+    """Rendered image in [0, 1] and its lesion (cy, cx, radius, contrast) or None for one 2D file."""
+    anatomy = _xray_anatomy(spec.seed, p, spec.image_size)
     rng = np.random.default_rng([spec.seed, tag, p, s, i])
-    lesion = _plan_2d_lesion(rng, spec.image_size)  # always drawn: stable stream
+    m = _max_shift(spec.image_size)
+    lesion = _plan_2d_lesion(rng, spec.image_size, anatomy[1][m:-m, m:-m])  # always drawn: stable stream
     lesion = lesion if has_lesion else None
-    return _render_2d(bank, rng, spec.image_size, lesion), lesion
+    return _render_2d(anatomy, rng, spec.image_size, lesion), lesion
 
 
-def _class_2d(lesion: tuple[float, float, float] | None, size: int) -> str:
+def _class_2d(lesion: tuple[float, float, float, float] | None, size: int) -> str:
     if lesion is None:
         return "none"
     return "small" if lesion[2] < XRAY_SMALL_BELOW * size / 128.0 else "large"
@@ -610,11 +659,10 @@ class _Output:
 
 
 def _write_xray(
-    out: _Output, spec: DemoSpec, bank: np.ndarray, pat: _Patient, st: _Study, i: int, has_lesion: bool,
-    common: dict[int, bytes],
+    out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, i: int, has_lesion: bool, common: dict[int, bytes],
 ) -> tuple[str, str]:
     """Render and write one X-ray; ``common`` is the encoded study-level header."""
-    img, lesion = _image_2d(spec, bank, _TAG_XRAY, pat.index, st.index, i, has_lesion)
+    img, lesion = _image_2d(spec, _TAG_XRAY, pat.index, st.index, i, has_lesion)
     sop_uid = _uid(spec.seed, "xray", pat.index, st.index, i)
     ts = _xray_transfer_syntax(spec, pat.index, st.index, i)
     own = _xray_own(st, sop_uid, _uid(spec.seed, "xray-series", pat.index, st.index, i), i + 1,
@@ -640,9 +688,9 @@ def _xray_view(spec: DemoSpec, p: int, s: int, i: int) -> str:
 
 
 def _write_png(
-    out: _Output, spec: DemoSpec, bank: np.ndarray, pat: _Patient, st: _Study, i: int, has_lesion: bool
+    out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, i: int, has_lesion: bool
 ) -> tuple[str, str]:
-    img, lesion = _image_2d(spec, bank, _TAG_PNG, pat.index, st.index, i, has_lesion)
+    img, lesion = _image_2d(spec, _TAG_PNG, pat.index, st.index, i, has_lesion)
     rel = f"png/{pat.dir}/{st.dir}/img{i + 1:03d}.png"
     out.write(rel, _png_bytes(_to_uint8(img)))
     return rel, _class_2d(lesion, spec.image_size)
@@ -651,29 +699,76 @@ def _write_png(
 def _ct_volume(
     spec: DemoSpec, p: int, s: int, j: int, has_lesion: bool
 ) -> tuple[np.ndarray, np.ndarray, float | None, np.random.Generator]:
-    """HU volume (Z, Y, X) float32, mask uint8, in-plane lesion radius (or None) and the rng."""
+    """HU volume (Z, Y, X) float32, mask uint8, in-plane lesion radius (or None) and the rng.
+
+    Patient-level (same in every series of a patient): body size, fat layer, lung size, HU offset and
+    noise sd. Series-level: position jitter, vessels along z (hard negatives) and the lesion, a
+    physically round ellipsoid in soft tissue rendered with partial volume (4x supersampled along
+    z, 2x in-plane) and a slight in-plane blur; the mask is the voxels at least half inside it.
+    """
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    prng = np.random.default_rng([spec.seed, _TAG_ANATOMY, p, 0])  # 2D anatomy uses size >= 32 here
     rng = np.random.default_rng([spec.seed, _TAG_CT, p, s, j])
     n, nz = spec.ct_size, spec.ct_slices
     scale = n / 64.0
-    a = n * float(rng.uniform(0.38, 0.45))  # body semi-axis along x
-    b = n * float(rng.uniform(0.27, 0.33))  # body semi-axis along y
+    a0, b0 = n * float(prng.uniform(0.36, 0.46)), n * float(prng.uniform(0.26, 0.34))  # body semi-axes x, y
+    fat = float(prng.uniform(1.0, 3.0)) * scale
+    lung_ax, lung_ay = float(prng.uniform(0.28, 0.38)), float(prng.uniform(0.5, 0.7))  # fractions of the body
+    offset = float(prng.uniform(*CT_HU_OFFSET))
+    noise = float(prng.uniform(*CT_NOISE_HU))
+    a, b = a0 * float(rng.uniform(0.97, 1.03)), b0 * float(rng.uniform(0.97, 1.03))
     c0y, c0x = n / 2 + float(rng.uniform(-1, 1)), n / 2 + float(rng.uniform(-1, 1))
-    r = max(1.5, float(rng.uniform(*CT_LESION_RADIUS)) * scale)
-    rz = max(1.0, min(r, (nz - 1) / 2 - 0.5))
-    theta, rho = float(rng.uniform(0, 2 * np.pi)), float(np.sqrt(rng.uniform(0, 1)))
-    cx = c0x + max(a - r - 2, 0) * rho * np.cos(theta)
-    cy = c0y + max(b - r - 2, 0) * rho * np.sin(theta)
-    cz = float(rng.uniform(rz, nz - 1 - rz))
 
     zz, yy, xx = np.ogrid[:nz, :n, :n]
-    body = ((xx - c0x) / a) ** 2 + ((yy - c0y) / b) ** 2 <= 1.0  # (1, n, n)
-    hu = np.where(body, np.float32(CT_BODY_HU), np.float32(CT_AIR_HU)).astype(np.float32)
-    hu = np.broadcast_to(hu, (nz, n, n)) + rng.standard_normal((nz, n, n), dtype=np.float32) * np.float32(CT_NOISE_HU)
+    ell = ((xx - c0x) / a) ** 2 + ((yy - c0y) / b) ** 2  # (1, n, n)
+    body = ell <= 1.0
+    soft = ((xx - c0x) / max(a - fat, 1.0)) ** 2 + ((yy - c0y) / max(b - fat, 1.0)) ** 2 <= 1.0
+    dome = 0.75 + 0.25 * (zz + 0.5) / nz  # lungs widen towards the bottom slices
+    lung = np.zeros((nz, n, n), dtype=bool)
+    for side in (-1, 1):
+        lx = c0x + side * 0.45 * a
+        lung |= ((xx - lx) / (lung_ax * a * dome)) ** 2 + ((yy - c0y + 0.05 * b) / (lung_ay * b * dome)) ** 2 <= 1.0
+    lung &= soft
+    hu = np.full((nz, n, n), CT_AIR_HU, dtype=np.float32)
+    hu[np.broadcast_to(body, hu.shape)] = CT_FAT_HU + offset
+    hu[np.broadcast_to(soft, hu.shape)] = CT_BODY_HU + offset
+    hu[lung] = CT_LUNG_HU + offset
+    tissue = np.broadcast_to(soft, hu.shape) & ~lung
+
+    for _ in range(int(rng.integers(*CT_VESSELS))):  # vessels running along z: seen end-on in every slice
+        for _try in range(20):
+            vy, vx = c0y + float(rng.uniform(-0.8, 0.8)) * b, c0x + float(rng.uniform(-0.8, 0.8)) * a
+            if tissue[nz // 2, int(vy), int(vx)]:
+                break
+        rv = float(rng.uniform(1.0, 2.2)) * scale
+        drift_y, drift_x = rng.uniform(-0.15, 0.15, size=2) * scale
+        d = np.sqrt((yy - vy - drift_y * (zz - nz / 2)) ** 2 + (xx - vx - drift_x * (zz - nz / 2)) ** 2)
+        vessel = np.clip(rv + 0.5 - d, 0.0, 1.0)  # partial volume over the last voxel
+        hu += (float(rng.uniform(1.5, 3.0)) * noise * vessel * tissue).astype(np.float32)
+
+    r = max(1.5, float(rng.uniform(*CT_LESION_RADIUS)) * scale)  # in-plane radius, voxels
+    rz = max(1.0, r * CT_PIXEL_SPACING / CT_SLICE_THICKNESS)  # round in mm
+    cnr = float(rng.uniform(*CT_LESION_CNR))
+    cands = np.column_stack([rng.uniform(rz, nz - 1 - rz, 30), c0y + rng.uniform(-0.7, 0.7, 30) * b,
+                             c0x + rng.uniform(-0.7, 0.7, 30) * a])
+    # distance (in-plane voxel units) to lung, fat or air: the first candidate with room for the lesion, else the roomiest
+    room = distance_transform_edt(tissue, sampling=(CT_SLICE_THICKNESS / CT_PIXEL_SPACING, 1.0, 1.0))
+    fits = np.array([float(room[int(z), int(y), int(x)]) for z, y, x in cands])
+    pick = int(np.argmax(fits > r + 1.0)) if (fits > r + 1.0).any() else int(np.argmax(fits))
+    cz, cy, cx = (float(v) for v in cands[pick])
+
     mask = np.zeros((nz, n, n), dtype=np.uint8)
     if has_lesion:
-        inside = ((zz - cz) / rz) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1.0
-        mask[inside] = 1
-        hu[inside] += np.float32(CT_LESION_CONTRAST_HU)
+        occ = np.zeros((nz, n, n), dtype=np.float32)
+        subs = [(dz, dy, dx) for dz in (-0.375, -0.125, 0.125, 0.375) for dy in (-0.25, 0.25) for dx in (-0.25, 0.25)]
+        for dz, dy, dx in subs:
+            occ += (((zz + dz - cz) / rz) ** 2 + ((yy + dy - cy) / r) ** 2 + ((xx + dx - cx) / r) ** 2 <= 1.0)
+        occ = occ / len(subs) * tissue  # the lesion displaces soft tissue only (it may abut a lung)
+        mask[occ >= 0.5] = 1
+        blurred = gaussian_filter(occ, sigma=(0.0, 0.7 * scale, 0.7 * scale))
+        hu += (cnr * noise * blurred).astype(np.float32)
+    hu += rng.standard_normal((nz, n, n), dtype=np.float32) * np.float32(noise)
     return hu, mask, (r if has_lesion else None), rng
 
 

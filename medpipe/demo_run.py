@@ -9,6 +9,7 @@ from rich.console import Console
 
 from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import DEMO_KEY, KEY_ENV_VAR
+from medpipe.task import Task
 
 DEMO_CLASSES = ["none", "lesion"]  # declared so that "lesion" is the positive class (index 1)
 
@@ -37,7 +38,7 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
     from flows.train import run_train
     from medpipe.training.config import TrainConfig
 
-    for store_name, task in (("store-2d.zarr", "classify"), ("store-3d.zarr", "segment")):
+    for store_name, task in (("store-2d.zarr", Task.classify), ("store-3d.zarr", Task.segment)):
         run_dir = out / "runs" / f"{task}"
         trained = run_train(made[store_name], str(run_dir), TrainConfig(task=task), overwrite=True, progress=True)
         evaluated = run_evaluate(made[store_name], str(run_dir), str(run_dir / "report"))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medpipe.ingest.records import ArchiveRecord
 
 CT_FOREGROUND_HU = -500.0  # body voxels: lesions are rare, so the body (not the mask) defines the CT foreground
 SAMPLES_PER_IMAGE = 256
@@ -25,19 +28,19 @@ def intensity_sample(pixels: np.ndarray, modality: str, seed: int) -> list[float
     return [round(float(v), 4) for v in values[picks]]
 
 
-def compute_fingerprint(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def compute_fingerprint(records: Iterable[ArchiveRecord]) -> dict[str, Any]:
     """Aggregate per-image records (modality, shape [C,Z,Y,X], spacing [dz,dy,dx], intensity_sample)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[str, list[ArchiveRecord]] = defaultdict(list)
     for rec in records:
-        groups[rec["modality"]].append(rec)
+        groups[rec.modality].append(rec)
     out: dict[str, Any] = {"images": sum(len(v) for v in groups.values()), "modalities": {}}
     for modality, recs in sorted(groups.items()):
-        spacing = np.array([r["spacing"] for r in recs], dtype=float)
-        shape = np.array([r["shape"] for r in recs], dtype=float)
-        values = np.array([v for r in recs for v in r["intensity_sample"]], dtype=np.float64)
+        spacing = np.array([r.spacing for r in recs], dtype=float)
+        shape = np.array([r.shape for r in recs], dtype=float)
+        values = np.array([v for r in recs for v in r.intensity_sample], dtype=np.float64)
         entry: dict[str, Any] = {
             "images": len(recs),
-            "volumes": int(sum(1 for r in recs if r["shape"][1] > 1)),
+            "volumes": int(sum(1 for r in recs if r.is_volume)),
             "spacing_median": np.median(spacing, axis=0).round(4).tolist(),
             "spacing_min": spacing.min(axis=0).round(4).tolist(),
             "spacing_max": spacing.max(axis=0).round(4).tolist(),

@@ -1,14 +1,35 @@
-"""Patient-level, label-stratified, deterministic train/val/test splits."""
+"""Patient-level train/val/test splits that never move a patient: a pure function of its keyed pseudonym.
+
+A patient's split is read off a hash of its pseudonym (itself an HMAC of the patient identifier under the
+de-identification key) and the split seed, mapped onto the configured fractions. So:
+* adding or removing patients never moves an existing patient to another split;
+* two stores of the same patients made with the same key and seed (a 2D and a 3D store) agree;
+* every image of a patient lands in the patient's split.
+Each patient is assigned independently, so label stratification holds in expectation only: with few patients a
+split can end up without a class, or empty. `split_warnings` says so, loudly, and the run reports it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
-
-import numpy as np
+from collections.abc import Iterable, Mapping
 
 from medpipe.config import SplitConfig
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_of(patient: str, config: SplitConfig) -> int:
+    """Split code (0 train, 1 val, 2 test) of one patient pseudonym."""
+    digest = hashlib.sha256(f"medpipe-split\x00{config.seed}\x00{patient}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
+    return 0 if u < config.train else 1 if u < config.train + config.val else 2
+
+
+def split_patients(patients: Iterable[str], config: SplitConfig) -> dict[str, int]:
+    """Split code of each patient pseudonym."""
+    return {p: split_of(p, config) for p in sorted(set(patients))}
 
 
 def patient_labels(patients: list[str], labels: list[int]) -> dict[str, int]:
@@ -23,26 +44,26 @@ def patient_labels(patients: list[str], labels: list[int]) -> dict[str, int]:
     return strata
 
 
-def split_patients(strata: dict[str, int], config: SplitConfig) -> dict[str, int]:
-    """Assign each patient a split code (0 train, 1 val, 2 test), stratified by its label.
-
-    Deterministic for the same patients and seed: patients are sorted, then shuffled by a seeded generator
-    within each stratum. Small strata keep at least one training patient.
-    """
-    rng = np.random.default_rng(config.seed)
-    by_stratum: dict[int, list[str]] = defaultdict(list)
-    for patient in sorted(strata):
-        by_stratum[strata[patient]].append(patient)
-    assignment: dict[str, int] = {}
-    for stratum in sorted(by_stratum):
-        members = by_stratum[stratum]
-        order = [members[i] for i in rng.permutation(len(members))]
-        n = len(order)
-        n_test = int(round(n * config.test))
-        n_val = int(round(n * config.val))
-        if n_test + n_val >= n:  # keep a training patient in every stratum
-            n_val = max(0, min(n_val, n - 1 - n_test)) if n > 1 else 0
-            n_test = max(0, min(n_test, n - 1 - n_val)) if n > 1 else 0
-        for i, patient in enumerate(order):
-            assignment[patient] = 2 if i < n_test else 1 if i < n_test + n_val else 0
-    return assignment
+def split_warnings(split_of_patient: Mapping[str, int], strata: Mapping[str, int], config: SplitConfig,
+                   classes: list[str]) -> list[str]:
+    """Loud, non-identifying warnings: an empty split that was asked for, a labelled class missing from a split."""
+    warnings = []
+    fractions = {0: config.train, 1: config.val, 2: config.test}
+    patients_in = Counter(split_of_patient.values())
+    for code, name in enumerate(SPLIT_NAMES):
+        if fractions[code] > 0 and patients_in[code] == 0 and split_of_patient:
+            consequence = {1: "training will run without validation (no early stopping, no model selection)",
+                           2: "there is no held-out test set: evaluate on another store",
+                           0: "there is nothing to train on"}[code]
+            warnings.append(f"the {name} split is empty ({len(split_of_patient)} patients, fraction "
+                            f"{fractions[code]}): {consequence}")
+    labelled = {s for s in strata.values() if s >= 0}
+    for code, name in enumerate(SPLIT_NAMES):
+        if patients_in[code] == 0:
+            continue
+        present = {strata[p] for p, c in split_of_patient.items() if c == code}
+        missing = sorted(labelled - present)
+        if missing:
+            names = ", ".join(classes[k] if 0 <= k < len(classes) else str(k) for k in missing)
+            warnings.append(f"the {name} split has no patient of class {names}")
+    return warnings

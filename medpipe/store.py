@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import fsspec
 import numpy as np
@@ -33,12 +33,34 @@ class StoreError(RuntimeError):
     """A store is missing, incomplete or not a medpipe store."""
 
 
-def open_store(url: str, mode: str = "r") -> zarr.Group:
+def open_store(url: str, mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> zarr.Group:
     """Root group of a store at a local path or fsspec URL (s3:// through s3fs)."""
     try:
         return zarr.open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"no medpipe store at {url}") from exc
+
+
+def get_array(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at `path` under `group` (zarr's `group[path]` may also be a group: this says which it must be)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{path} in the store is not an array")
+    return node
+
+
+def get_group(group: zarr.Group, path: str) -> zarr.Group:
+    """The group at `path` under `group`."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{path} in the store is not a group")
+    return node
+
+
+def attrs_of(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """The medpipe attributes of a group or array (empty when absent)."""
+    value = node.attrs.get(ATTRS_KEY, {})
+    return dict(value) if isinstance(value, Mapping) else {}
 
 
 def store_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -146,10 +168,10 @@ def _archive_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def read_archive_image(root: zarr.Group, unit_id: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Pixels, mask (or None) and medpipe attributes of one archive image."""
-    group = root["archive"][unit_id]
-    pixels = group["0"][...]
-    mask = group["labels/mask/0"][...] if "labels" in group else None
-    return pixels, mask, dict(group.attrs.get(ATTRS_KEY, {}))
+    group = get_group(root, f"archive/{unit_id}")
+    pixels = np.asarray(get_array(group, "0")[...])
+    mask = np.asarray(get_array(group, "labels/mask/0")[...]) if "labels" in group else None
+    return pixels, mask, attrs_of(group)
 
 
 def samples_per_chunk(sample_shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> int:
@@ -200,14 +222,14 @@ def read_sample_table(url_or_root: str | zarr.Group) -> dict[str, np.ndarray]:
     root = open_store(url_or_root) if isinstance(url_or_root, str) else url_or_root
     if "samples" not in root:
         raise StoreError("store has no per-sample table (samples/): was ingestion completed?")
-    group = root["samples"]
-    return {name: np.asarray(group[name][...]) for name in sorted(group.array_keys())}
+    group = get_group(root, "samples")
+    return {name: np.asarray(get_array(group, name)[...]) for name in sorted(group.array_keys())}
 
 
 def store_attrs(url_or_root: str | zarr.Group) -> dict[str, Any]:
     """The medpipe attributes of a store's root group (empty when not a medpipe store)."""
     root = open_store(url_or_root) if isinstance(url_or_root, str) else url_or_root
-    return dict(root.attrs.get(ATTRS_KEY, {}))
+    return attrs_of(root)
 
 
 def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
@@ -218,9 +240,9 @@ def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
     """
     h = hashlib.sha256()
     if "training" in root:
-        training = root["training"]
+        training = get_group(root, "training")
         for name in sorted(training.array_keys()):
-            arr = training[name]
+            arr = get_array(training, name)
             h.update(f"{name}{arr.dtype}{arr.shape}".encode())
             step = max(1, arr.chunks[0] * 8)
             for start in range(0, arr.shape[0], step):

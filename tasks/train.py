@@ -16,8 +16,10 @@ TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 @task(name="train-model", **TASK)
 def train_model(store: str, out_dir: str, config: TrainConfig, resume: bool, overwrite: bool,
                 progress: bool) -> dict[str, Any]:
-    """Train; logs one line per epoch to Prefect. Returns the run summary (paths and numbers only)."""
-    from medpipe.training.engine import train
+    """Train; logs one line per epoch to Prefect. Returns the run summary (paths and numbers only), including
+    `validation` (what selected best.pt: "val split" or "none: ...") and `testing` (where test_metrics come from);
+    a run without validation or test data is logged as a warning."""
+    from medpipe.training.engine import TEST_ON_TEST, VALIDATION_ON_VAL, train
 
     logger = get_run_logger()
 
@@ -27,6 +29,10 @@ def train_model(store: str, out_dir: str, config: TrainConfig, resume: bool, ove
 
     result = train(store, out_dir, config, resume=resume, progress=progress, overwrite=overwrite,
                    on_epoch_end=log_epoch)
+    if result.validation != VALIDATION_ON_VAL:
+        logger.warning("validation: %s", result.validation)
+    if result.testing != TEST_ON_TEST:
+        logger.warning("test: %s", result.testing)
     summary = asdict(result)
     return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in summary.items()}
 

@@ -180,3 +180,65 @@ def ct_slice(
     extra.update(attrs)
     return make_dataset(stored, modality="CT", sop_class=CTImageStorage, series_uid=series_uid,
                         pixel_spacing=(0.7, 0.6), **extra)
+
+
+def mr_slice(
+    pixels: np.ndarray,
+    position: Sequence[float],
+    *,
+    series_uid: str,
+    instance: int,
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    **attrs: object,
+) -> FileDataset:
+    """One uint16 MR slice at ``position`` (ImagePositionPatient) with extra keyword attributes (EchoNumbers...)."""
+    from pydicom.uid import MRImageStorage
+
+    return make_dataset(pixels.astype(np.uint16), modality="MR", sop_class=MRImageStorage, series_uid=series_uid,
+                        pixel_spacing=(0.9, 0.8), InstanceNumber=instance,
+                        ImagePositionPatient=[float(v) for v in position],
+                        ImageOrientationPatient=[float(v) for v in orientation], **attrs)
+
+
+def enhanced_mr(
+    frames: np.ndarray,
+    positions: Sequence[Sequence[float]],
+    orientations: Sequence[Sequence[float]],
+    *,
+    stack_ids: Sequence[str] | None = None,
+    echo_times: Sequence[float] | None = None,
+    temporal: Sequence[int] | None = None,
+) -> FileDataset:
+    """Enhanced MR multi-frame (uint16 ``frames`` (N, Y, X)) with per-frame functional groups.
+
+    Per frame: PlanePositionSequence, PlaneOrientationSequence, FrameContentSequence (StackID,
+    InStackPositionNumber, TemporalPositionIndex) and MREchoSequence when given; PixelMeasuresSequence shared.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import EnhancedMRImageStorage
+
+    ds = make_dataset(frames.astype(np.uint16), modality="MR", sop_class=EnhancedMRImageStorage, pixel_spacing=None)
+    measures, shared = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.9, 0.8], 2.0
+    shared.PixelMeasuresSequence = Seq([measures])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    items = []
+    for k in range(len(frames)):
+        item, pos, orient, content = Dataset(), Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [float(v) for v in positions[k]]
+        orient.ImageOrientationPatient = [float(v) for v in orientations[k]]
+        item.PlanePositionSequence, item.PlaneOrientationSequence = Seq([pos]), Seq([orient])
+        if stack_ids is not None:
+            content.StackID = stack_ids[k]
+            content.InStackPositionNumber = k + 1
+        if temporal is not None:
+            content.TemporalPositionIndex = temporal[k]
+        item.FrameContentSequence = Seq([content])
+        if echo_times is not None:
+            echo = Dataset()
+            echo.EffectiveEchoTime = echo_times[k]
+            item.MREchoSequence = Seq([echo])
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Seq(items)
+    return ds

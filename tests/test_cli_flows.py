@@ -32,7 +32,8 @@ def store_2d(prefect_api, demo_source, tmp_path_factory):
 def test_info_shows_counts_splits_fingerprint(store_2d):
     result = runner.invoke(app, ["info", str(store_2d)])
     assert result.exit_code == 0, result.output
-    for word in ("discovered", "splits", "train", "fingerprint", "content hash", "CT", "DX"):
+    for word in ("discovered", "splits", "train", "fingerprint", "content hash", "CT", "DX",
+                 "patient identity from", "series split into acquisitions", "SOPInstanceUID collisions"):
         assert word in result.output
 
 
@@ -54,13 +55,17 @@ def test_train_then_evaluate_writes_report(store_2d, tmp_path):
 
 
 def _fails_cleanly(args: list[str], expect: str) -> None:
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, env={"COLUMNS": "20", "LINES": "5"})  # a narrow terminal must not wrap it
     assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expect in result.output and "Traceback" not in result.output
 
 
 def test_user_errors_are_one_clear_line(store_2d, demo_source, tmp_path, monkeypatch):
     source, _, _ = demo_source
+    tmp_path = tmp_path / ("a-long-temporary-folder-name-" * 4)  # long paths must not wrap either
+    tmp_path.mkdir()
     _fails_cleanly(["train", str(store_2d), "--model", "no-such-net", "--out", str(tmp_path / "r")], "no-such-net")
     _fails_cleanly(["train", str(store_2d), "--task", "segment", "--out", str(tmp_path / "r")], "masks")
     _fails_cleanly(["evaluate", str(store_2d), str(tmp_path / "missing")], "no checkpoint")

@@ -28,8 +28,10 @@ from medpipe.evaluation import (
     with_confidence_intervals,
     write_report,
 )
+from medpipe.evaluation import mean_foreground_dice, training_spacing
 from medpipe.evaluation.bootstrap import batched_accuracy, batched_auroc, batched_f1_macro
 from medpipe.evaluation.report import PNG_SIGNATURE
+from medpipe.task import Task
 
 CLASSES3 = ["normal", "benign", "malignant"]
 
@@ -240,7 +242,7 @@ def test_classification_plots_and_report(tmp_path):
     for path in plots.values():
         assert _is_png(path) and (tmp_path / path).stat().st_size > 1000
     html_path = write_report(
-        tmp_path / "report", title="Lesion classifier", task="classification", metrics=m, plots=plots,
+        tmp_path / "report", title="Lesion classifier", task=Task.classify, metrics=m, plots=plots,
         model_info={"architecture": "DenseNet121", "code_version": "abc123", "config": {"lr": 1e-3}},
         data_info={"n_patients": 8, "content_hash": "sha256:feed", "patients": ["PSEUDO-0001", "PSEUDO-0002"]},
     )
@@ -254,7 +256,7 @@ def test_classification_plots_and_report(tmp_path):
     back = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert back["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
     assert back["metrics"]["ci"]["auroc"]["low"] == pytest.approx(m["ci"]["auroc"]["low"])
-    md = markdown_summary(m, "classification")
+    md = markdown_summary(m, Task.classify)
     assert "| Accuracy |" in md and f"{m['accuracy']:.2f}" in md
 
 
@@ -270,11 +272,160 @@ def test_segmentation_plots_and_report(tmp_path):
         "samples3d": plot_segmentation_samples(vol, vmask, np.roll(vmask, 2, axis=-1), tmp_path / "seg3d.png"),
     }
     assert all(_is_png(v) for v in plots.values())
-    html_path = write_report(tmp_path / "r", title="Organ segmentation", task="segmentation", metrics=m,
+    html_path = write_report(tmp_path / "r", title="Organ segmentation", task=Task.segment, metrics=m,
                              plots=plots, model_info={}, data_info={"unit": "slices"})
     doc = html_path.read_text()
     assert f"Mean Dice {m['dice_mean']:.2f}" in doc and "on 3 test slices" in doc
     assert "not recorded" in doc  # patient count, content hash and code version missing
     back = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert back["metrics"]["per_sample"]["hd95"][1] is None  # NaN written as null
-    assert "Mean Dice" in markdown_summary(m, "segmentation")
+    assert "Mean Dice" in markdown_summary(m, Task.segment)
+
+
+# ---- Task enum, mean foreground Dice, spacing ----------------------------------------------------------------------
+
+
+def test_metrics_carry_the_task_enum_and_reject_old_names(tmp_path):
+    y, p = _random_probs(20, 2, seed=1)
+    m = classification_metrics(y, p, ["none", "lesion"])
+    assert m["task"] is Task.classify
+    pred, true = _boxes()
+    assert segmentation_metrics(pred, true)["task"] is Task.segment
+    with pytest.raises(ValueError, match="unknown task"):
+        with_confidence_intervals({**m, "task": "classification"}, y, p)
+    with pytest.raises(ValueError):
+        write_report(tmp_path, title="t", task="classification", metrics=m, plots={}, model_info={}, data_info={})
+    assert json.loads(json.dumps(to_jsonable({"task": Task.segment}))) == {"task": "segment"}
+
+
+def test_mean_foreground_dice_by_hand():
+    true = np.zeros((2, 1, 8, 8), dtype=np.int64)
+    pred = np.zeros_like(true)
+    true[0, 0, :4, :4] = 1  # 16 px
+    pred[0, 0, :4, :2] = 1  # 8 px inside: Dice 2*8/24
+    # sample 1: both empty -> 1.0 by convention
+    assert mean_foreground_dice(pred, true, 2) == pytest.approx((2 * 8 / 24 + 1.0) / 2)
+    # three classes: class 2 absent everywhere (1.0 for both samples), class 1 as above
+    assert mean_foreground_dice(pred, true, 3) == pytest.approx((2 * 8 / 24 + 1.0 + 1.0 + 1.0) / 4)
+    # a prediction where the truth is empty scores 0
+    assert mean_foreground_dice(true[:1], np.zeros_like(true[:1]), 2) == 0.0
+    # (N, *spatial) without the channel axis gives the same; matches the report's mean Dice
+    assert mean_foreground_dice(pred[:, 0], true[:, 0], 2) == mean_foreground_dice(pred, true, 2)
+    assert mean_foreground_dice(pred, true, 2) == pytest.approx(segmentation_metrics(pred, true)["dice_mean"])
+    assert math.isnan(mean_foreground_dice(np.zeros((0, 1, 4, 4)), np.zeros((0, 1, 4, 4)), 2))
+    with pytest.raises(ValueError):
+        mean_foreground_dice(pred, true[:1], 2)
+
+
+def test_training_spacing_resolution_order():
+    three = {"training_spacing": [2.0, 0.7, 0.7], "config": {"preprocess": {"target_spacing": [3.0, 1.0, 1.0]}}}
+    assert training_spacing(three, 3).spacing == (2.0, 0.7, 0.7) and training_spacing(three, 3).units == "mm"
+    target_only = {"config": {"preprocess": {"target_spacing": [3.0, 1.0, 1.0]}}}
+    assert training_spacing(target_only, 3).spacing == (3.0, 1.0, 1.0)
+    unknown = training_spacing({"config": {"preprocess": {"target_spacing": None}}}, 3)
+    assert unknown.spacing is None and unknown.units == "voxels" and "voxels" in unknown.source
+    # 2D: pixels unless the store records a 2-value spacing; a 3D target spacing never applies
+    assert training_spacing(target_only, 2).units == "pixels"
+    assert training_spacing({"training_spacing": [0.4, 0.5]}, 2).spacing == (0.4, 0.5)
+    assert training_spacing({"training_spacing": [2.0, 0.4, 0.5]}, 2).spacing is None
+
+
+def test_hd95_units_follow_spacing():
+    pred, true = _boxes()
+    assert segmentation_metrics(pred, true)["hd95_units"] == "pixels"
+    assert segmentation_metrics(pred[:, :, None].repeat(3, 2), true[:, :, None].repeat(3, 2))["hd95_units"] == "voxels"
+    assert segmentation_metrics(pred, true, spacing=(0.5, 0.5))["hd95_units"] == "mm"
+    with pytest.raises(ValueError, match="spacing"):
+        segmentation_metrics(pred, true, spacing=(1.0, 0.5, 0.5))  # the old native, padded 3-vector on 2D
+
+
+# ---- evaluate_checkpoint -------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(monkeypatch, tmp_path, store, meta, result):
+    """evaluate_checkpoint with the checkpoint loading and the network's predictions replaced by fixed ones."""
+    import medpipe.evaluation.evaluate as ev
+    import medpipe.training.engine as engine
+    from medpipe.store import store_attrs
+
+    ckpt = tmp_path / "run" / "best.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(ev, "load_checked_model", lambda s, m: (None, meta, ckpt, ckpt.parent, store_attrs(s)))
+    monkeypatch.setattr(engine, "predict", lambda *a, **k: result)
+
+
+def _seg_store(tmp_path, spatial, attrs_extra):
+    """A segmentation store of boxes on noise; the native spacing column is deliberately 3.0 (must not be used)."""
+    import zarr
+
+    from medpipe.store import ATTRS_KEY
+    from tests.training_store import write_store
+
+    rng = np.random.default_rng(0)
+    n = 24
+    masks = np.zeros((n, 1, *spatial), dtype=np.uint8)
+    for i in range(n):
+        lo = [int(rng.integers(1, s // 2)) for s in spatial]
+        masks[(i, 0, *[slice(a, a + s // 3) for a, s in zip(lo, spatial)])] = 1
+    images = (0.3 * masks + rng.normal(0, 0.05, masks.shape)).astype(np.float32)
+    split = np.array([0] * 14 + [1] * 4 + [2] * 6, dtype=np.int8)
+    url = write_store(str(tmp_path / "seg.zarr"), images, masks.reshape(n, -1).max(1).astype(np.int64), masks=masks,
+                      split=split)
+    root = zarr.open_group(url, mode="r+")
+    root["samples/spacing"][...] = 3.0
+    root.attrs[ATTRS_KEY] = {**root.attrs[ATTRS_KEY], **attrs_extra}
+    test = np.flatnonzero(split == 2)
+    true = masks[test]
+    pred = np.roll(true, 2, axis=-1)  # every test prediction is the truth shifted 2 elements along x
+    return url, {"task": "segment", "indices": test, "y_true": np.ones(len(test), np.int64),
+                 "masks_true": true, "masks_pred": pred}
+
+
+@pytest.mark.parametrize("spatial,attrs_extra,units,scale", [
+    ((24, 24), {}, "pixels", 1.0),
+    ((24, 24), {"training_spacing": [0.5, 0.25]}, "mm", 0.25),
+    ((8, 16, 16), {}, "voxels", 1.0),
+    ((8, 16, 16), {"config": {"preprocess": {"target_spacing": [2.5, 0.8, 0.4]}}}, "mm", 0.4),
+    ((8, 16, 16), {"training_spacing": [2.0, 0.7, 0.6], "config": {"preprocess": {"target_spacing": [2.5, 0.8, 0.4]}}},
+     "mm", 0.6),
+])
+def test_evaluate_segmentation_hd95_in_training_spacing(monkeypatch, tmp_path, spatial, attrs_extra, units, scale):
+    url, result = _seg_store(tmp_path, spatial, attrs_extra)
+    _fake_checkpoint(monkeypatch, tmp_path, url, {"task": "segment", "num_outputs": 2, "model_name": "fake"}, result)
+    from medpipe.evaluation.evaluate import evaluate_checkpoint
+
+    out = evaluate_checkpoint(url, tmp_path / "run", tmp_path / "report", n_boot=100)
+    m = out["metrics"]
+    assert m["task"] is Task.segment and m["hd95_units"] == units
+    # a 2-element shift along x is 2 * dx in mm (the native spacing 3.0 must play no part)
+    assert m["hd95_mean"] == pytest.approx(2.0 * scale)
+    assert any(units in note for note in m["notes"])
+    doc = (tmp_path / "report" / "report.html").read_text()
+    assert f"in {units}" in doc and "Model vs baselines" in doc and "Otsu threshold" in doc
+    back = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    otsu = back["baselines"]["otsu"]
+    assert otsu["metrics"]["hd95_units"] == units and otsu["tuning"]["chosen_on"] == "train"
+    assert otsu["metrics"]["dice_mean"] > 0.5  # boxes 0.3 above noise of sd 0.05: Otsu finds them
+
+
+def test_evaluate_classification_report_has_roc_and_confusion_matrix(tmp_path):
+    """Regression: the report left out ROC and confusion matrix when evaluation passed the task as 'classify'."""
+    from medpipe.evaluation.evaluate import evaluate_checkpoint
+    from medpipe.training.config import TrainConfig
+    from medpipe.training.engine import train
+    from tests.training_store import make_2d_store
+
+    url = make_2d_store(str(tmp_path / "c.zarr"), n=96, size=32, radius=(7.0, 11.0))
+    train(url, tmp_path / "run", TrainConfig(epochs=1, batch_size=32, early_stopping_patience=0), progress=False)
+    out = evaluate_checkpoint(url, tmp_path / "run", tmp_path / "report", n_boot=100, device="cpu")
+    doc = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Confusion matrix</h2>" in doc and "<h2>ROC curves</h2>" in doc
+    assert 'alt="ROC curves"' in doc and 'alt="confusion matrix"' in doc
+    assert "true \\ predicted" in doc  # the confusion matrix table
+    assert doc.index("Model vs baselines") < doc.index("<h2>Confusion matrix</h2>")
+    assert "Majority class" in doc and "Intensity logistic regression" in doc
+    back = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert back["task"] == "classify" and back["metrics"]["task"] == "classify"
+    assert set(back["baselines"]) == {"majority", "intensity_logreg"}
+    assert back["baselines"]["intensity_logreg"]["tuning"]["chosen_on"] == "val"
+    assert "## Model vs baselines" in out["markdown"] and "Majority class" in out["markdown"]

@@ -4,24 +4,38 @@ import pytest
 from medpipe.config import IngestConfig, PreprocessConfig, SplitConfig, load_config
 from medpipe.manifest import check_references, parse_manifest
 from medpipe.preprocess import NotTrainable, convert_channels, normalize, to_training_sample
-from medpipe.splits import patient_labels, split_patients
+from medpipe.splits import patient_labels, split_patients, split_warnings
 
 
-def test_splits_are_per_patient_deterministic_and_stratified():
-    patients = [f"P{i % 40}" for i in range(400)]
-    labels = [i % 40 % 2 for i in range(400)]  # a patient's images share its label
-    strata = patient_labels(patients, labels)
+def test_splits_follow_fractions_and_are_stable_when_patients_come_and_go():
     cfg = SplitConfig(train=0.6, val=0.2, test=0.2, seed=3)
-    a, b = split_patients(strata, cfg), split_patients(strata, cfg)
-    assert a == b
-    per_image = [a[p] for p in patients]
-    for code in (0, 1, 2):  # no patient in two splits: each patient maps to exactly one code
-        members = {p for p, s in zip(patients, per_image) if s == code}
-        others = {p for p, s in zip(patients, per_image) if s != code}
-        assert not members & others
-    for label in (0, 1):  # stratified: each label appears in every split
-        assert {a[p] for p in strata if strata[p] == label} == {0, 1, 2}
-    assert sum(1 for v in a.values() if v == 2) == 8
+    patients = [f"P-{i:012x}" for i in range(2000)]
+    full = split_patients(patients, cfg)
+    assert full == split_patients(list(reversed(patients)), cfg)  # order does not matter
+    counts = np.bincount(list(full.values()), minlength=3) / len(patients)
+    assert np.allclose(counts, [0.6, 0.2, 0.2], atol=0.04)  # binomial sd ~0.01 at n=2000
+    # remove a third of the patients and add new ones: nobody who stays moves
+    kept = patients[::3] + [f"P-new-{i}" for i in range(300)]
+    partial = split_patients(kept, cfg)
+    assert all(partial[p] == full[p] for p in patients[::3])
+    # another seed reshuffles
+    other = split_patients(patients, SplitConfig(train=0.6, val=0.2, test=0.2, seed=4))
+    assert sum(other[p] != full[p] for p in patients) > 500
+
+
+def test_split_warnings_name_empty_splits_and_missing_classes():
+    cfg = SplitConfig(train=0.7, val=0.15, test=0.15)
+    patients = [f"P-{i}" for i in range(400)]
+    assign = split_patients(patients, cfg)
+    strata = {p: i % 2 for i, p in enumerate(patients)}
+    assert split_warnings(assign, strata, cfg, ["none", "lesion"]) == []
+    only_train = {p: 0 for p in patients[:3]}
+    warnings = split_warnings(only_train, {p: 0 for p in only_train}, cfg, ["none", "lesion"])
+    assert any("val split is empty" in w and "without validation" in w for w in warnings)
+    assert any("test split is empty" in w for w in warnings)
+    missing = split_warnings({"a": 0, "b": 0, "c": 1}, {"a": 0, "b": 1, "c": 0}, cfg, ["none", "lesion"])
+    assert "the val split has no patient of class lesion" in missing
+    assert patient_labels(["a", "a", "b"], [1, 1, -1]) == {"a": 1, "b": -1}
 
 
 def test_split_config_validates():

@@ -132,3 +132,15 @@ def make_3d_store(url: str, n: int = 48, shape: tuple[int, int, int] = (16, 32, 
     """A synthetic 3D segmentation store (masks, label 1 = lesion; radius in voxels at 64 px, scaled)."""
     vols, masks, labels = synthetic_3d(n, shape, seed, radius=radius)
     return write_store(url, vols, labels, masks=masks, seed=seed, **kwargs)
+
+
+SENTINEL = 12345.0
+
+
+def write_sentinel_in_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn (importable by spawned workers): write SENTINEL into the first element of the
+    worker's copy of the dataset's image cache, so the parent can tell a shared cache from a private copy."""
+    import torch
+
+    dataset = torch.utils.data.get_worker_info().dataset
+    dataset._cache["images"].reshape(-1)[0] = SENTINEL

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from medpipe.task import Task
+
 __all__ = [
     "batched_accuracy",
     "batched_auroc",
@@ -147,26 +149,28 @@ def with_confidence_intervals(
 ) -> dict[str, Any]:
     """Return a copy of ``metrics`` with a ``"ci"`` block of ``{low, high, level, n_boot, method}`` entries.
 
-    Classification (``metrics["task"] == "classification"``, needs ``y_true``/``y_prob``): accuracy, f1_macro,
-    auroc. Segmentation: dice_mean, iou_mean and hd95_mean, resampled from ``metrics["per_sample"]``.
+    ``metrics["task"]`` is a :class:`~medpipe.task.Task`. ``Task.classify`` (needs ``y_true`` (N,) and ``y_prob``
+    (N, K)): accuracy, f1_macro, auroc. ``Task.segment``: dice_mean, iou_mean and hd95_mean, resampled from
+    ``metrics["per_sample"]``. The same ``seed``/``n_boot`` draw the same resamples for every model evaluated on
+    the same N cases, so intervals of a model and of its baselines are paired.
     """
     out = copy.deepcopy(metrics)
     ci: dict[str, Any] = {}
     kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "batched": True}
     task = metrics.get("task")
-    if task == "classification":
+    if task == Task.classify:
         if y_true is None or y_prob is None:
             raise ValueError("classification confidence intervals need y_true and y_prob")
         y_true = np.asarray(y_true, dtype=np.int64)
         y_prob = np.asarray(y_prob, dtype=np.float64)
         for name, fn in (("accuracy", batched_accuracy), ("f1_macro", batched_f1_macro), ("auroc", batched_auroc)):
             ci[name] = _ci_entry(*bootstrap_ci(fn, y_true, y_prob, **kw), n_boot, alpha, "images")
-    elif task == "segmentation":
+    elif task == Task.segment:
         per_sample = metrics["per_sample"]
         for name, key in (("dice_mean", "dice"), ("iou_mean", "iou"), ("hd95_mean", "hd95")):
             vals = np.asarray(per_sample[key], dtype=np.float64)
             ci[name] = _ci_entry(*bootstrap_ci(_batched_nanmean, vals, **kw), n_boot, alpha, "cases")
     else:
-        raise ValueError(f"unknown task {task!r}: expected 'classification' or 'segmentation'")
+        raise ValueError(f"unknown task {task!r}: expected one of {[t.value for t in Task]}")
     out["ci"] = ci
     return out

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medpipe.evaluation.baselines import classification_baselines, segmentation_baselines
 from medpipe.evaluation.bootstrap import with_confidence_intervals
 from medpipe.evaluation.gradcam import grad_cam_maps
 from medpipe.evaluation.metrics import classification_metrics, segmentation_metrics
@@ -20,7 +21,9 @@ from medpipe.evaluation.plots import (
     plot_training_curves,
 )
 from medpipe.evaluation.report import markdown_summary, write_report
+from medpipe.evaluation.spacing import training_spacing
 from medpipe.store import open_store, read_sample_table, store_attrs
+from medpipe.task import Task
 from medpipe.training import CheckpointMismatchError, TrainingError
 
 SAMPLE_FIGURES = 16
@@ -56,12 +59,13 @@ def _sample_images(store_url: str, indices: np.ndarray) -> np.ndarray:
 
 
 def evaluate_checkpoint(store_url: str, model_path: str | Path, out_dir: str | Path, *, split: str = "test",
-                        n_boot: int = 1000, device: str = "auto") -> dict[str, Any]:
-    """Evaluate a checkpoint on `split` of the store it was trained on; writes metrics.json, PNGs, report.html."""
+                        n_boot: int = 1000, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Evaluate a checkpoint on `split` of the store it was trained on, beside simple baselines (same cases,
+    metrics and bootstrap resamples); writes metrics.json (with a "baselines" section), PNGs and report.html."""
     from medpipe.training.engine import predict
 
     model, meta, checkpoint, run_dir, attrs = load_checked_model(store_url, model_path)
-    task = meta["task"]
+    task = Task(meta["task"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = predict(model, store_url, split, task=task, device=device)
@@ -73,12 +77,14 @@ def evaluate_checkpoint(store_url: str, model_path: str | Path, out_dir: str | P
         plots["training_curves"] = plot_training_curves(run_dir / "metrics.csv", out / "training_curves.png")
     shown = indices[:SAMPLE_FIGURES]
     images = _sample_images(store_url, shown)
-    if task == "classify":
+    ci_kw = {"n_boot": n_boot, "seed": seed}
+    if task == Task.classify:
         classes = list(meta.get("classes") or attrs.get("classes") or [])
         labelled = result["y_true"] >= 0
         y_true, y_prob = result["y_true"][labelled], result["y_prob"][labelled]
-        metrics = with_confidence_intervals(classification_metrics(y_true, y_prob, classes), y_true, y_prob,
-                                            n_boot=n_boot)
+        metrics = with_confidence_intervals(classification_metrics(y_true, y_prob, classes), y_true, y_prob, **ci_kw)
+        baselines = classification_baselines(store_url, indices[labelled], y_true, classes, model_prob=y_prob,
+                                             **ci_kw)
         plots["roc"] = plot_roc_curves(y_true, y_prob, classes, out / "roc.png")
         plots["confusion_matrix"] = plot_confusion_matrix(metrics["confusion_matrix"], classes,
                                                           out / "confusion_matrix.png")
@@ -87,18 +93,26 @@ def evaluate_checkpoint(store_url: str, model_path: str | Path, out_dir: str | P
         cams = grad_cam_maps(model.cpu(), torch.from_numpy(images[:8]))
         plots["gradcam"] = plot_gradcam_grid(images[:8], cams, out / "gradcam.png")
     else:
-        spacing = table["spacing"][indices[0]].tolist() if len(indices) else None
-        metrics = segmentation_metrics(result["masks_pred"], result["masks_true"], spacing=spacing,
-                                       num_classes=int(meta.get("num_outputs", 2)))
-        metrics = with_confidence_intervals(metrics, n_boot=n_boot)
-        plots["samples"] = plot_segmentation_samples(images, result["masks_true"][: len(shown)],
-                                                     result["masks_pred"][: len(shown)], out / "samples.png")
+        num_classes = int(meta.get("num_outputs", 2))
+        masks_true, masks_pred = result["masks_true"], result["masks_pred"]
+        sp = training_spacing(attrs, masks_true.ndim - 2)
+        metrics = segmentation_metrics(masks_pred, masks_true, spacing=sp.spacing, num_classes=num_classes)
+        metrics["hd95_units"] = sp.units
+        metrics["notes"].append(f"HD95 is in {sp.units} of the training arrays"
+                                + (f" (spacing {', '.join(f'{v:g}' for v in sp.spacing)} mm)" if sp.spacing else "")
+                                + f": {sp.source}.")
+        metrics = with_confidence_intervals(metrics, **ci_kw)
+        baselines = segmentation_baselines(store_url, indices, masks_true, num_classes, spacing=sp.spacing,
+                                           model_pred=masks_pred, **ci_kw)
+        plots["samples"] = plot_segmentation_samples(images, masks_true[: len(shown)], masks_pred[: len(shown)],
+                                                     out / "samples.png")
     data_info = {"n_patients": patients, "unit": "volumes" if images.ndim == 5 else "images",
                  "content_hash": attrs.get("content_hash"), "split": split, "store_kind": attrs.get("kind")}
     model_info = {"model_name": meta.get("model_name"), "code_version": meta.get("code_version"),
                   "config": meta.get("config"), "epoch": meta.get("epoch"), "checkpoint": checkpoint.name}
     title = f"medpipe evaluation: {meta.get('model_name')} ({task}) on the {split} split"
     report = write_report(out, title=title, task=task, metrics=metrics, plots=plots, model_info=model_info,
-                          data_info=data_info)
+                          data_info=data_info, baselines=baselines)
     return {"report": str(report), "metrics_json": str(out / "metrics.json"), "metrics": metrics,
-            "markdown": markdown_summary(metrics, task), "patients": patients, "samples": int(len(indices))}
+            "baselines": baselines, "markdown": markdown_summary(metrics, task, baselines),
+            "patients": patients, "samples": int(len(indices))}

@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
 
+from medpipe.task import Task
+
 NAN = float("nan")
 
 __all__ = [
     "auroc_per_class",
     "classification_metrics",
     "dice_iou",
+    "mean_foreground_dice",
     "segmentation_metrics",
 ]
 
@@ -123,7 +126,7 @@ def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, classes: list
         return float(np.mean([v for v, a in zip(values, active) if a]))
 
     return {
-        "task": "classification",
+        "task": Task.classify,
         "n": n,
         "classes": list(classes),
         "accuracy": accuracy,
@@ -160,6 +163,30 @@ def dice_iou(pred_oh: np.ndarray, true_oh: np.ndarray) -> tuple[np.ndarray, np.n
     return dice, iou
 
 
+def mean_foreground_dice(pred: np.ndarray, true: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over samples and foreground classes 1..num_classes-1 of integer label maps.
+
+    ``pred``/``true`` are (N, 1, *spatial) (or (N, *spatial)) integer label maps of the same shape. Each
+    (sample, class) pair is scored with :func:`dice_iou`, so a class absent from both prediction and ground truth
+    scores 1.0 (empty-vs-empty convention, the same as the evaluation report); the result is the plain mean of the
+    N x (num_classes - 1) scores. NaN for N = 0.
+    """
+    pred = np.asarray(pred)
+    true = np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred and true must have the same shape, got {pred.shape} and {true.shape}")
+    if num_classes < 2:
+        raise ValueError("num_classes must be >= 2 (background + at least one foreground class)")
+    if pred.ndim < 2:
+        raise ValueError(f"expected (N, *spatial) label maps, got shape {pred.shape}")
+    if pred.shape[0] == 0:
+        return NAN
+    if pred.ndim < 4 or pred.shape[1] != 1:
+        pred, true = pred[:, None], true[:, None]
+    dice, _ = dice_iou(_one_hot(pred, num_classes)[:, 1:], _one_hot(true, num_classes)[:, 1:])
+    return float(dice.mean())
+
+
 def segmentation_metrics(
     pred: np.ndarray,
     true: np.ndarray,
@@ -169,8 +196,10 @@ def segmentation_metrics(
     """Per-sample and mean Dice, IoU and HD95 over the foreground classes (1..num_classes-1).
 
     ``pred``/``true`` are (N, 1, *spatial) integer label maps. Dice/IoU of an empty prediction against an empty
-    ground truth is 1.0. HD95 (via MONAI, in the units of ``spacing``; voxels when ``None``) is NaN when either mask
-    is empty and such cases are excluded from its mean, with the number excluded reported.
+    ground truth is 1.0. HD95 (via MONAI) is NaN when either mask is empty and such cases are excluded from its
+    mean, with the number excluded reported. ``spacing`` is the size of one array element along each spatial axis
+    (a scalar, one sequence of len(spatial), or one such sequence per sample) in mm, and HD95 is then in mm;
+    ``None`` measures HD95 in array elements ("pixels" for 2D, "voxels" for 3D), recorded in ``hd95_units``.
     """
     from monai.metrics import compute_hausdorff_distance
 
@@ -188,6 +217,10 @@ def segmentation_metrics(
         if arr.min() < 0 or arr.max() >= num_classes:
             raise ValueError(f"{name} labels must be in [0, {num_classes - 1}]")
 
+    n_spatial = pred.ndim - 2
+    if spacing is not None and not np.isscalar(spacing) and np.shape(spacing)[-1] != n_spatial:
+        raise ValueError(f"spacing must give {n_spatial} values per sample for {n_spatial}D label maps, "
+                         f"got shape {np.shape(spacing)}")
     pred_oh = _one_hot(pred, num_classes)[:, 1:]
     true_oh = _one_hot(true, num_classes)[:, 1:]
     dice, iou = dice_iou(pred_oh, true_oh)
@@ -234,7 +267,7 @@ def segmentation_metrics(
         "excluded from its mean.",
     ]
     return {
-        "task": "segmentation",
+        "task": Task.segment,
         "n": int(n),
         "num_classes": int(num_classes),
         "foreground_classes": list(range(1, num_classes)),
@@ -242,7 +275,8 @@ def segmentation_metrics(
         "iou_mean": float(sample_iou.mean()),
         "hd95_mean": float(np.nanmean(sample_hd)) if excluded < n else NAN,
         "hd95_excluded": excluded,
-        "hd95_units": "voxels" if spacing is None else "spacing units (mm)",
+        "hd95_units": ("pixels" if pred.ndim == 4 else "voxels") if spacing is None else "mm",
+        "hd95_spacing": None if spacing is None else np.asarray(spacing, dtype=np.float64).tolist(),
         "empty_vs_empty_score": 1.0,
         "per_class": per_class,
         "per_sample": {

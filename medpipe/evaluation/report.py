@@ -14,12 +14,15 @@ import html
 import json
 import math
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["headline", "markdown_summary", "to_jsonable", "write_report"]
+from medpipe.task import Task
+
+__all__ = ["baseline_table", "headline", "markdown_summary", "network_vs_baselines", "to_jsonable", "write_report"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,6 +44,8 @@ code{background:#f4f4f4;padding:0 .2em}
 
 def to_jsonable(obj: Any) -> Any:
     """Plain-JSON copy of ``obj``: numpy/torch scalars and arrays to Python, NaN/inf to ``None``, paths to str."""
+    if isinstance(obj, Enum):
+        return to_jsonable(obj.value)
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
@@ -86,7 +91,7 @@ def _with_ci(metrics: Mapping[str, Any], key: str, digits: int = 2) -> str:
 
 
 def _cohort(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> str:
-    unit = str(data_info.get("unit") or ("images" if metrics.get("task") == "classification" else "cases"))
+    unit = str(data_info.get("unit") or ("images" if metrics.get("task") == Task.classify else "cases"))
     text = f"on {int(metrics.get('n', 0))} test {unit}"
     n_patients = data_info.get("n_patients")
     if n_patients is not None:
@@ -96,7 +101,7 @@ def _cohort(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> str:
 
 def _headline_items(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(label, formatted value with CI, plain-language meaning)."""
-    if metrics.get("task") == "classification":
+    if metrics.get("task") == Task.classify:
         return [
             ("Accuracy", _with_ci(metrics, "accuracy"),
              "share of test images whose predicted class matched the reference label"),
@@ -126,16 +131,24 @@ def headline(metrics: Mapping[str, Any], data_info: Mapping[str, Any] | None = N
 # ---- markdown ------------------------------------------------------------------------------------------------------
 
 
-def markdown_summary(metrics: Mapping[str, Any], task: str) -> str:
-    """Short markdown table of the key numbers (with 95% CIs when present) for a Prefect artifact."""
-    task = task or str(metrics.get("task"))
+def markdown_summary(metrics: Mapping[str, Any], task: Task | str | None = None,
+                     baselines: Mapping[str, Any] | None = None) -> str:
+    """Short markdown table of the key numbers (with 95% CIs when present) for a Prefect artifact, followed by the
+    model-vs-baselines table and the sentence on what the network adds when ``baselines`` are given."""
+    task = Task(task or metrics.get("task"))
     m = dict(metrics)
-    m.setdefault("task", task)
+    m["task"] = task
     lines = [f"# medpipe evaluation ({task})", "", f"Test set: **{int(m.get('n', 0))}** cases", "",
              "| metric | value (95% CI) |", "|---|---|"]
     for label, value, _ in _headline_items(m):
         lines.append(f"| {label} | {value} |")
-    if task == "classification":
+    if baselines:
+        header, rows = baseline_table(m, baselines)
+        lines += ["", "## Model vs baselines", "", "| " + " | ".join(_md_cell(h) for h in header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        lines += ["", _md_cell(network_vs_baselines(m, baselines))]
+    if task == Task.classify:
         lines += ["", "| class | support | precision | recall | F1 | AUROC |", "|---|---|---|---|---|---|"]
         for name, pc in (m.get("per_class") or {}).items():
             lines.append(f"| {_md_cell(name)} | {pc.get('support')} | {_num(pc.get('precision'), 3)} | "
@@ -189,7 +202,7 @@ def _kv_table(d: Mapping[str, Any]) -> str:
 
 def _per_class_table(metrics: Mapping[str, Any]) -> str:
     pcs = metrics.get("per_class") or {}
-    if metrics.get("task") == "classification":
+    if metrics.get("task") == Task.classify:
         head = "<tr><th class='l'>class</th><th>test cases</th><th>precision</th><th>recall (sensitivity)</th>" \
                "<th>F1</th><th>AUROC</th></tr>"
         body = "".join(
@@ -219,7 +232,7 @@ def _confusion_table(metrics: Mapping[str, Any]) -> str:
 
 def _caveats(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> list[str]:
     n = int(metrics.get("n", 0))
-    unit = str(data_info.get("unit") or ("images" if metrics.get("task") == "classification" else "cases"))
+    unit = str(data_info.get("unit") or ("images" if metrics.get("task") == Task.classify else "cases"))
     n_patients = data_info.get("n_patients")
     out: list[str] = []
     if n < 100:
@@ -235,7 +248,7 @@ def _caveats(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> list[s
         if n_patients < 30:
             out.append(f"Only {n_patients} patients are represented; results may not carry over to other "
                        "patients, scanners or sites.")
-    if metrics.get("task") == "classification":
+    if metrics.get("task") == Task.classify:
         for name, pc in (metrics.get("per_class") or {}).items():
             if 0 < int(pc.get("support", 0)) < 10:
                 out.append(f"Class '{name}' has only {pc['support']} test cases; its per-class numbers are unreliable.")
@@ -245,31 +258,116 @@ def _caveats(metrics: Mapping[str, Any], data_info: Mapping[str, Any]) -> list[s
     return out
 
 
+_LEFT = " class='l'"
+_PRIMARY = {Task.classify: ("auroc", "AUROC"), Task.segment: ("dice_mean", "mean Dice")}
+
+
+def _metric_keys(metrics: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    if metrics.get("task") == Task.classify:
+        return [("accuracy", "Accuracy", 2), ("f1_macro", "Macro F1", 2), ("auroc", "AUROC", 2)]
+    units = metrics.get("hd95_units", "voxels")
+    return [("dice_mean", "Mean Dice", 2), ("iou_mean", "Mean IoU", 2), ("hd95_mean", f"Mean HD95 ({units})", 1)]
+
+
+def _evaluated(baselines: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [b for b in baselines.values() if isinstance(b, Mapping) and b.get("metrics")]
+
+
+def baseline_table(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the model-vs-baselines table: one row per key metric, value (95% CI) per column."""
+    shown = _evaluated(baselines)
+    header = ["metric", "model"] + [str(b.get("title")) for b in shown]
+    rows = [[label, _with_ci(metrics, key, digits)] + [_with_ci(b["metrics"], key, digits) for b in shown]
+            for key, label, digits in _metric_keys(metrics)]
+    return header, rows
+
+
+def network_vs_baselines(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) -> str:
+    """One plain-language sentence: how much the network adds over the strongest baseline (paired 95% CI)."""
+    task = Task(metrics.get("task"))
+    key, label = _PRIMARY[task]
+    shown = _evaluated(baselines)
+    if not shown:
+        return "No baseline could be evaluated, so it is unknown what the network adds over simple rules."
+
+    def score(b: Mapping[str, Any]) -> float:
+        v = b["metrics"].get(key)
+        return float(v) if v is not None and math.isfinite(float(v)) else -math.inf
+
+    best = max(shown, key=score)
+    model_v, base_v = metrics.get(key), best["metrics"].get(key)
+    text = (f"Against the strongest baseline ({best.get('title')}, {label} {_num(base_v)}), the network's {label} "
+            f"is {_num(model_v)}")
+    diff = (best.get("difference") or {}).get(key) or {}
+    low, high = diff.get("low"), diff.get("high")
+    if _num(diff.get("value")) == "n/a" or _num(low) == "n/a":
+        return text + "; no paired confidence interval of the difference could be computed."
+    text += (f": a difference of {float(diff['value']):+.2f} (paired bootstrap 95% CI {float(low):+.2f} to "
+             f"{float(high):+.2f}, the same test cases resampled for both).")
+    if float(low) > 0:
+        return text + " The network adds something that a simple intensity rule does not capture."
+    if float(high) < 0:
+        return text + " The network is worse than this simple baseline."
+    return text + " On this test set the network is not demonstrably better than this simple baseline."
+
+
+def _baselines_html(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[str]:
+    header, rows = baseline_table(metrics, baselines)
+    def cells(tag: str, values: list[str]) -> str:
+        return "<tr>" + "".join(f"<{tag}{_LEFT if i == 0 else ''}>{_e(v)}</{tag}>" for i, v in enumerate(values)) + "</tr>"
+
+    head = cells("th", header)
+    body = "".join(cells("td", row) for row in rows)
+    items = []
+    for b in baselines.values():
+        if not isinstance(b, Mapping):
+            continue
+        if b.get("skipped"):
+            items.append(f"<li><b>{_e(b.get('title'))}</b>: not evaluated ({_e(b['skipped'])}).</li>")
+            continue
+        note = (b.get("tuning") or {}).get("note")
+        items.append(f"<li><b>{_e(b.get('title'))}</b>: {_e(b.get('description'))}." +
+                     (f" {_e(note)}" if note else "") + "</li>")
+    return ["<h2>Model vs baselines</h2>",
+            f"<p><b>{_e(network_vs_baselines(metrics, baselines))}</b></p>",
+            f"<table>{head}{body}</table>",
+            "<p class='muted'>Baselines are fitted and tuned on the train and validation splits only, then scored on "
+            "the same test cases with the same metrics and bootstrap resamples as the model.</p>",
+            f"<ul>{''.join(items)}</ul>"]
+
+
 def write_report(
     out_dir: str | Path,
     *,
     title: str,
-    task: str,
+    task: Task | str,
     metrics: dict[str, Any],
     plots: dict[str, str],
     model_info: dict[str, Any],
     data_info: dict[str, Any],
+    baselines: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``metrics.json`` and a self-contained ``report.html`` into ``out_dir``; return the HTML path.
 
     ``plots`` maps section names to PNG paths; recognised: ``roc``, ``confusion_matrix``, ``training_curves``,
     ``samples``, ``gradcam`` (others go under "Other figures"). ``data_info`` may hold ``n_patients``, ``unit``,
     ``content_hash``, ``split`` ...; ``model_info`` may hold ``architecture``, ``code_version``, ``config`` ...
+    ``baselines`` ({name: entry} from :mod:`medpipe.evaluation.baselines`) adds a "baselines" section to
+    metrics.json and a "Model vs baselines" table near the top of the report. ``task`` must be a
+    :class:`~medpipe.task.Task` value ("classify" / "segment").
     """
+    task = Task(task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = dict(metrics)
-    metrics.setdefault("task", task)
+    metrics["task"] = task
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     payload = {"title": title, "task": task, "generated_utc": generated, "metrics": metrics,
                "model_info": model_info, "data_info": data_info,
                "plots": {k: Path(v).name for k, v in plots.items() if v}}
+    if baselines is not None:
+        payload["baselines"] = baselines
     (out / "metrics.json").write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
 
     cohort = _cohort(metrics, data_info)
@@ -281,9 +379,11 @@ def write_report(
                f"({_e(next(iter(metrics['ci'].values())).get('n_boot'))} resamples).</p>") if ci_method else \
         "<p class='muted'>No confidence intervals were computed.</p>"
 
-    sections: list[str] = [f"<h2>Results by {'class' if task == 'classification' else 'label'}</h2>",
-                           _per_class_table(metrics)]
-    if task == "classification":
+    sections: list[str] = []
+    if baselines:
+        sections += _baselines_html(metrics, baselines)
+    sections += [f"<h2>Results by {'class' if task == Task.classify else 'label'}</h2>", _per_class_table(metrics)]
+    if task == Task.classify:
         sections += ["<h2>Confusion matrix</h2>",
                      "<p>Rows are the reference (true) class, columns the model's prediction; the diagonal is correct.</p>",
                      _confusion_table(metrics), _img(plots.get("confusion_matrix"), "confusion matrix"),
@@ -296,7 +396,7 @@ def write_report(
                  "falling suggests over-fitting.</p>", _img(plots.get("training_curves"), "training curves"),
                  "<h2>Sample predictions</h2>",
                  "<p>A few test cases, numbered in display order only.</p>", _img(plots.get("samples"), "sample predictions")]
-    if task == "classification" or plots.get("gradcam"):
+    if task == Task.classify or plots.get("gradcam"):
         sections += ["<h2>Grad-CAM</h2>",
                      "<p>Grad-CAM highlights the image regions that most increased the score of the predicted class "
                      "(red = more influence); it shows where the model looked, not whether it was right.</p>",

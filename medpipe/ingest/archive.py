@@ -8,74 +8,110 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Sequence
 
+import fsspec
 import numpy as np
+import zarr
 
 from medpipe.config import StoreConfig
-from medpipe.deid import DeidAudit, DeidKey, Pseudonymizer, deidentify_header
+from medpipe.deid import DEID_RULES_VERSION, DeidAudit, DeidKey, Pseudonymizer, deidentify_header
 from medpipe.fingerprint import intensity_sample
 from medpipe.ingest.discover import source_fs
+from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Unit, UnitKind
 from medpipe.readers import UnreadableFile, read_nifti, read_unit
-from medpipe.store import ATTRS_KEY, array_checksum, open_store, write_archive_image
+from medpipe.store import array_checksum, attrs_of, get_array, open_store, write_archive_image
+
+# Bump when medpipe.readers changes what a file decodes to (series assembly, geometry, rescale): every unit
+# is archived again on the next run, as a change of the de-identification rules (DEID_RULES_VERSION) does.
+READER_RULES_VERSION = 2
 
 
-def unit_input_tag(unit: dict[str, Any], sizes: Sequence[int], stamps: Sequence[str], run_tag: str) -> str:
-    """Digest of what a unit's archive depends on: its files' sizes/stamps and the run's config/key/code tag."""
-    files = [(i, sizes[i], stamps[i]) for i in unit["indices"]]
-    if unit["mask_index"] is not None:
-        files.append((unit["mask_index"], sizes[unit["mask_index"]], stamps[unit["mask_index"]]))
-    payload = json.dumps([unit["id"], files, unit["label"], run_tag], sort_keys=True)
+def unit_input_tag(unit: Unit, sizes: Sequence[int], stamps: Sequence[str], run_tag: str) -> str:
+    """Digest of everything a unit's archive depends on, so that a rerun re-archives exactly what changed.
+
+    The unit's files (keyed path hashes with sizes and stamps, an ETag on object stores), its mask, its manifest
+    row (label, mask), its pseudonymous patient/study/series, how it was split (acquisition, frames) and the run
+    tag (store settings, key, the de-identification and reader rule versions). Listing indices are left out: a new
+    file elsewhere in SOURCE changes no other unit's tag."""
+    files = [(h, sizes[i], stamps[i]) for h, i in zip(unit.hashes, unit.indices)]
+    mask = (unit.mask_hash, sizes[unit.mask_index], stamps[unit.mask_index]) if unit.mask_index is not None else None
+    payload = json.dumps([unit.id, str(unit.kind), files, mask, unit.label, unit.patient, str(unit.patient_source),
+                          unit.study, unit.series, unit.modality, unit.acquisition, unit.frames, unit.notes, run_tag])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _spatial(pixels: np.ndarray, spacing: tuple[float, ...]) -> tuple[list[int], list[float]]:
-    """Shape as [C, Z, Y, X] and spacing as [dz, dy, dx] (Z = 1, dz = 1.0 for 2D)."""
+def run_tag(store: StoreConfig, key_fingerprint: str) -> str:
+    """The run-wide part of every unit's input tag: store settings, key, rule versions (not runtime settings)."""
+    return hashlib.sha256(json.dumps([store.to_dict(), key_fingerprint, DEID_RULES_VERSION,
+                                      READER_RULES_VERSION]).encode()).hexdigest()
+
+
+def _spatial(pixels: np.ndarray, spacing: tuple[float, ...]
+             ) -> tuple[tuple[int, int, int, int], tuple[float, float, float]]:
+    """Shape as (C, Z, Y, X) and spacing as (dz, dy, dx) (Z = 1, dz = 1.0 for 2D)."""
     if pixels.ndim == 3:
-        return [pixels.shape[0], 1, pixels.shape[1], pixels.shape[2]], [1.0, *map(float, spacing)]
-    return list(map(int, pixels.shape)), list(map(float, spacing))
+        c, y, x = map(int, pixels.shape)
+        dy, dx = map(float, spacing)
+        return (c, 1, y, x), (1.0, dy, dx)
+    c, z, y, x = map(int, pixels.shape)
+    dz, dy, dx = map(float, spacing)
+    return (c, z, y, x), (dz, dy, dx)
 
 
-def archive_unit(unit: dict[str, Any], source_url: str, root, key: DeidKey, config: StoreConfig,
-                 input_tag: str) -> dict[str, Any]:
-    """Decode + de-identify + write one unit; returns its record (or a quarantine record on failure)."""
-    existing = root.get(f"archive/{unit['id']}") if "archive" in root else None
-    if existing is not None:
-        attrs = dict(existing.attrs.get(ATTRS_KEY, {}))
-        if attrs.get("input_tag") == input_tag:
-            attrs["intensity_sample"] = intensity_sample(existing["0"][...], attrs["modality"], _seed(unit))
-            return attrs
+def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, config: StoreConfig,
+                 input_tag: str) -> ArchiveResult:
+    """Decode + de-identify + write one unit; returns its record, or the reason it could not be decoded."""
+    previous = _previous_record(root, unit.id, input_tag)
+    if previous is not None:
+        return previous
     fs, base = source_fs(source_url)
     pseudonyms = Pseudonymizer(key)
     try:
-        image = read_unit(unit["kind"], [f"{base}/{p}" for p in unit["files"]], fs)
+        image = read_unit(str(unit.kind), [f"{base}/{p}" for p in unit.files], fs, frames=unit.frames)
     except UnreadableFile as exc:
-        return {"id": unit["id"], "reason": str(exc.reason), "detail": exc.detail, "indices": unit["indices"]}
+        return ArchiveFailure(unit.id, str(exc.reason), exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder crash quarantines the unit, never the run
-        return {"id": unit["id"], "reason": "decode_error", "detail": f"{type(exc).__name__} while decoding",
-                "indices": unit["indices"]}
+        return ArchiveFailure(unit.id, "decode_error", f"{type(exc).__name__} while decoding")
     pixels = compact_integers(image.pixels)
     audit = DeidAudit()
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
     mask, mask_reason = _load_mask(unit, base, fs, pixels.shape)
     shape, spacing = _spatial(pixels, image.spacing)
-    modality = image.modality if unit["kind"].startswith("dicom") else unit["modality"]
-    record = {
-        "id": unit["id"], "kind": unit["kind"], "input_tag": input_tag,
-        "patient": unit["patient"], "study": unit["study"], "series": unit["series"],
-        "modality": modality, "label": unit["label"], "shape": shape, "spacing": spacing,
-        "dtype": str(pixels.dtype), "has_mask": mask is not None, "mask_reason": mask_reason,
-        "files": len(unit["indices"]), "orientation": image.orientation,
-        "dicom": header, "audit": audit.to_compact(),
-        "checksum": array_checksum(pixels, *([mask] if mask is not None else [])),
-    }
-    write_archive_image(root, unit["id"], pixels, image.spacing, config, mask=mask, attrs=record)
+    modality = image.modality if unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file) else unit.modality
+    record = ArchiveRecord(
+        id=unit.id, kind=unit.kind, input_tag=input_tag, patient=unit.patient, patient_source=unit.patient_source,
+        study=unit.study, series=unit.series, acquisition=unit.acquisition, modality=modality, label=unit.label,
+        shape=shape, spacing=spacing, dtype=str(pixels.dtype), has_mask=mask is not None, mask_reason=mask_reason,
+        indices=unit.indices, mask_index=unit.mask_index, orientation=image.orientation,
+        notes=tuple(dict.fromkeys(unit.notes + tuple(getattr(image, "notes", ())))),
+        dicom=header, audit=tuple(audit.to_compact()),
+        checksum=array_checksum(pixels, *([mask] if mask is not None else [])),
+    )
+    write_archive_image(root, unit.id, pixels, image.spacing, config, mask=mask, attrs=record.to_attrs())
     # the intensity sample feeds the fingerprint; recomputed on reruns rather than stored with every image
-    return {**record, "intensity_sample": intensity_sample(pixels, modality, _seed(unit))}
+    return replace(record, intensity_sample=tuple(intensity_sample(pixels, modality, _seed(unit.id))))
 
 
-def _seed(unit: dict[str, Any]) -> int:
-    return int(unit["id"][:8], 16)
+def _previous_record(root: zarr.Group, unit_id: str, input_tag: str) -> ArchiveRecord | None:
+    """The record of an archive image already written for exactly these inputs (a rerun skips it), else None."""
+    existing = root.get(f"archive/{unit_id}") if "archive" in root else None
+    if not isinstance(existing, zarr.Group):
+        return None
+    attrs = attrs_of(existing)
+    if attrs.get("input_tag") != input_tag:
+        return None
+    try:
+        record = ArchiveRecord.from_attrs(attrs)
+    except (KeyError, TypeError, ValueError):  # written by an older medpipe: archive again
+        return None
+    sample = intensity_sample(np.asarray(get_array(existing, "0")[...]), record.modality, _seed(unit_id))
+    return replace(record, intensity_sample=tuple(sample))
+
+
+def _seed(unit_id: str) -> int:
+    return int(unit_id[:8], 16)
 
 
 def compact_integers(pixels: np.ndarray) -> np.ndarray:
@@ -89,12 +125,13 @@ def compact_integers(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.int16)
 
 
-def _load_mask(unit: dict[str, Any], base: str, fs, image_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
+def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem,
+               image_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
     """The unit's NIfTI mask as uint8 in the image grid; (None, reason) when unusable."""
-    if not unit["mask"]:
+    if not unit.mask:
         return None, None
     try:
-        mask = read_nifti(f"{base}/{unit['mask']}", fs).pixels
+        mask = read_nifti(f"{base}/{unit.mask}", fs).pixels
     except UnreadableFile as exc:
         return None, str(exc.reason)
     except Exception:  # noqa: BLE001
@@ -106,8 +143,8 @@ def _load_mask(unit: dict[str, Any], base: str, fs, image_shape: tuple[int, ...]
     return np.rint(mask[:1]).astype(np.uint8), None
 
 
-def archive_shard(source_url: str, store_url: str, units: list[dict[str, Any]], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str]) -> list[dict[str, Any]]:
+def archive_shard(source_url: str, store_url: str, units: list[Unit], key: DeidKey, config: StoreConfig,
+                  tags: dict[str, str]) -> list[ArchiveResult]:
     """Archive every unit of a shard; `tags` maps unit id -> input tag. Returns one record per unit."""
     root = open_store(store_url, mode="a")
-    return [archive_unit(u, source_url, root, key, config, tags[u["id"]]) for u in units]
+    return [archive_unit(u, source_url, root, key, config, tags[u.id]) for u in units]

@@ -4,24 +4,64 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from medpipe import __version__
 from medpipe.deid import DeidAudit
-from medpipe.store import ATTRS_KEY, SCHEMA_VERSION, content_hash, open_store, remove_path, write_json
+from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Collision, QuarantineRecord, Unit
+from medpipe.ingest.training import TrainingLayout
+from medpipe.store import ATTRS_KEY, SCHEMA_VERSION, content_hash, get_group, open_store, remove_path, write_json
 
 
-class AccountingError(RuntimeError):
-    """Some discovered file is neither ingested nor quarantined (a bug: never silently lose a file)."""
+@dataclass(frozen=True)
+class Accounting:
+    """Every listed file's fate: the counts and the final quarantine list (one record per quarantined file)."""
+
+    counts: dict[str, int]
+    quarantine: list[QuarantineRecord]
 
 
-def account(discovered: int, records: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> dict[str, int]:
-    """Count files: every discovered file must be in the archive (image or mask) or quarantined, exactly once."""
-    ingested = sum(r["files"] + (1 if r.get("has_mask") else 0) for r in records)
-    counts = {"discovered": discovered, "ingested": ingested, "quarantined": len(quarantine)}
-    if ingested + len(quarantine) != discovered:
-        raise AccountingError(f"accounting mismatch: {counts}")
-    return counts
+def account(discovered: int, units: list[Unit], results: list[ArchiveResult], quarantine: list[QuarantineRecord],
+            hash_of: Callable[[int], str]) -> Accounting:
+    """Give each of the `discovered` files exactly one fate: ingested or quarantined. Holds by construction.
+
+    A file is ingested when an archived unit holds it (as an image, or as the mask it kept); an ingested file is
+    never also quarantined, even when another unit that shares it (a mask named twice, one frame stack of a
+    multi-frame file) failed. Each quarantined file keeps the first reason found: the scan/plan reason, then
+    the archive reason. A file no step took (a bug) is quarantined as `not_ingested` instead of failing the run
+    after all the work is done."""
+    unit_by_id = {u.id: u for u in units}
+    ingested: set[int] = set()
+    fates: dict[int, QuarantineRecord] = {}
+    for q in quarantine:
+        fates.setdefault(q.index, q)
+    late: list[QuarantineRecord] = []
+    for result in results:
+        unit = unit_by_id[result.id]
+        if isinstance(result, ArchiveFailure):
+            late.extend(QuarantineRecord(i, h, result.reason, result.detail) for i, h in zip(unit.indices, unit.hashes))
+            if unit.mask_index is not None and unit.mask_hash is not None:
+                late.append(QuarantineRecord(unit.mask_index, unit.mask_hash, "mask_without_image",
+                                             "its image could not be decoded"))
+            continue
+        ingested.update(result.indices)
+        if result.has_mask and result.mask_index is not None:
+            ingested.add(result.mask_index)
+        elif unit.mask_index is not None and unit.mask_hash is not None:
+            late.append(QuarantineRecord(unit.mask_index, unit.mask_hash, result.mask_reason or "mask_shape_mismatch",
+                                         "mask not usable for its image"))
+    for q in late:
+        fates.setdefault(q.index, q)
+    for index in ingested:
+        fates.pop(index, None)
+    for index in range(discovered):
+        if index not in ingested and index not in fates:
+            fates[index] = QuarantineRecord(index, hash_of(index), "not_ingested",
+                                            "no step took this file (a medpipe bug: please report it)")
+    counts = {"discovered": discovered, "ingested": len(ingested), "quarantined": len(fates)}
+    return Accounting(counts, [fates[i] for i in sorted(fates)])
 
 
 def accounting_line(counts: dict[str, int]) -> str:
@@ -29,31 +69,56 @@ def accounting_line(counts: dict[str, int]) -> str:
     return f"discovered {counts['discovered']} = ingested {counts['ingested']} + quarantined {counts['quarantined']}"
 
 
-def finalize_store(store_url: str, *, records: list[dict[str, Any]], quarantine: list[dict[str, Any]],
-                   excluded: list[dict[str, Any]], manifest_issues: list[dict[str, Any]], counts: dict[str, int],
-                   fingerprint: dict[str, Any], config: dict[str, Any], classes: list[str], splits: dict[str, int],
-                   samples: int, sample_shape: list[int], run_fingerprint: str, key_fingerprint: str) -> dict[str, Any]:
+def unit_report(records: list[ArchiveRecord]) -> list[dict[str, Any]]:
+    """reports/units.json: each archive image with how it was assembled (no PHI: pseudonyms and facts only)."""
+    return [{"unit": r.id, "kind": str(r.kind), "series": r.series, "acquisition": r.acquisition,
+             "modality": r.modality, "shape": list(r.shape), "spacing": list(r.spacing), "files": r.files,
+             "patient_source": str(r.patient_source), "notes": list(r.notes)}
+            for r in sorted(records, key=lambda r: r.id)]
+
+
+def assembly_summary(records: list[ArchiveRecord], collisions: list[Collision]) -> dict[str, Any]:
+    """How series were assembled and patients identified: the counts `medpipe info` shows."""
+    units_per_series = Counter(r.series for r in records)
+    notes = Counter(n.split(":")[0].split(" (")[0] for r in records for n in r.notes)
+    return {
+        "series_split": sum(1 for n in units_per_series.values() if n > 1),
+        "acquisitions": dict(sorted(Counter(r.acquisition.split("-")[0].rstrip("0123456789")
+                                            for r in records if r.acquisition).items())),
+        "volumes": sum(1 for r in records if r.is_volume),
+        "images_2d": sum(1 for r in records if not r.is_volume),
+        "notes": dict(sorted(notes.items())),
+        "uid_collisions": len(collisions),
+        "patient_sources": dict(sorted(Counter(str(r.patient_source) for r in records).items())),
+    }
+
+
+def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: Accounting,
+                   collisions: list[Collision], layout: TrainingLayout, manifest_issues: list[dict[str, Any]],
+                   fingerprint: dict[str, Any], config: dict[str, Any], classes: list[str], run_fingerprint: str,
+                   key_fingerprint: str) -> dict[str, Any]:
     """Write reports and root attributes; drop archive units not in this run; returns the summary."""
     root = open_store(store_url, mode="a")
-    keep = {r["id"] for r in records}
+    keep = {r.id for r in records}
     if "archive" in root:
-        for stale in sorted(set(root["archive"].group_keys()) - keep):
+        for stale in sorted(set(get_group(root, "archive").group_keys()) - keep):
             remove_path(store_url, f"archive/{stale}")
     audit = DeidAudit()
     for r in records:
-        audit.merge(DeidAudit.from_compact(r.get("audit", [])))
-    quarantine_public = sorted(({k: v for k, v in q.items() if k != "index"} for q in quarantine),
+        audit.merge(DeidAudit.from_compact(list(r.audit)))
+    quarantine_public = sorted((q.to_public() for q in accounting.quarantine),
                                key=lambda q: (q["source_hash"], q["reason"]))
-    reasons: dict[str, int] = {}
-    for q in quarantine_public:
-        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    reasons = dict(sorted(Counter(q["reason"] for q in quarantine_public).items()))
+    counts = {**accounting.counts, "training_samples": len(layout.unit_ids), "excluded_from_training": len(layout.excluded)}
     write_json(store_url, "reports/quarantine.json", quarantine_public)
-    write_json(store_url, "reports/excluded.json", excluded)
+    write_json(store_url, "reports/excluded.json", layout.excluded)
     write_json(store_url, "reports/manifest_issues.json", manifest_issues)
     write_json(store_url, "reports/deid_audit.json", audit.to_dict())
     write_json(store_url, "reports/fingerprint.json", fingerprint)
-    extra = [f"{r['id']}:{r['checksum']}:{json.dumps(r['dicom'], sort_keys=True)}"
-             for r in sorted(records, key=lambda r: r["id"])]
+    write_json(store_url, "reports/units.json", unit_report(records))
+    write_json(store_url, "reports/collisions.json", [c.to_dict() for c in collisions])
+    extra = [f"{r.id}:{r.checksum}:{json.dumps(r.dicom, sort_keys=True)}:{r.acquisition}:{list(r.notes)}"
+             for r in sorted(records, key=lambda r: r.id)]
     extra += [f"q:{q['source_hash']}:{q['reason']}" for q in quarantine_public] + [f"classes:{classes}"]
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -62,13 +127,17 @@ def finalize_store(store_url: str, *, records: list[dict[str, Any]], quarantine:
         "fingerprint": fingerprint,
         "classes": classes,
         "kind": config["preprocess"]["kind"],
-        "sample_shape": sample_shape,
-        "samples": samples,
-        "splits": splits,
+        "sample_shape": list(layout.sample_shape),
+        "training_spacing": list(layout.target_spacing) if layout.target_spacing is not None else None,
+        "samples": len(layout.unit_ids),
+        "splits": layout.splits,
+        "split_patients": layout.split_patients,
+        "warnings": layout.warnings,
         "counts": counts,
         "accounting": accounting_line(counts),
         "quarantine_reasons": reasons,
-        "excluded": len(excluded),
+        "assembly": assembly_summary(records, collisions),
+        "excluded": len(layout.excluded),
         "manifest_issues": len(manifest_issues),
         "archive_images": len(records),
         "run_fingerprint": run_fingerprint,

@@ -1,7 +1,7 @@
 """The driver-side steps of an ingest run, between the mapped (parallel) steps.
 
-    prepare_ingest  -> scan_shard (mapped) -> plan_ingest -> archive_shard (mapped)
-    -> lay_out_ingest -> assemble_range (mapped) -> finish_ingest
+    prepare_ingest -> scan_shard (mapped) -> duplicate_checks -> pixel_digests (mapped, only for shared UIDs)
+    -> plan_ingest -> archive_shard (mapped) -> lay_out_ingest -> assemble_range (mapped) -> finish_ingest
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from typing import Any
 
 from medpipe import __version__
 from medpipe.config import IngestConfig
-from medpipe.deid import DeidKey, Pseudonymizer
+from medpipe.deid import DEID_RULES_VERSION, DeidKey, Pseudonymizer
 from medpipe.fingerprint import compute_fingerprint
-from medpipe.ingest.archive import unit_input_tag
+from medpipe.ingest.archive import READER_RULES_VERSION, run_tag, unit_input_tag
 from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
 from medpipe.ingest.finalize import account, finalize_store
+from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit
 from medpipe.ingest.training import TrainingLayout, layout_training
-from medpipe.ingest.units import UnitPlan, plan_units
+from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
 from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
 
@@ -53,10 +54,10 @@ class IngestRun:
 
 @dataclass
 class ArchiveOutcome:
-    """Archive records split into archived units and units quarantined at decode time."""
+    """Archive results: the archived units' records, and every result (failures included) for the accounting."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    records: list[ArchiveRecord] = field(default_factory=list)
+    results: list[ArchiveResult] = field(default_factory=list)
 
 
 def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: DeidKey) -> None:
@@ -94,7 +95,8 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) 
     check_references(manifest, set(listing.paths), pseudonyms.path)
     manifest_digest = hashlib.sha256(fs.cat_file(manifest_path) if manifest_path else b"").hexdigest()
     run_fingerprint = hashlib.sha256(json.dumps(
-        [listing.fingerprint(), manifest_digest, config.to_dict(), key.fingerprint, __version__], sort_keys=True,
+        [listing.fingerprint(), manifest_digest, config.lineage_dict(), key.fingerprint, DEID_RULES_VERSION,
+         READER_RULES_VERSION, __version__], sort_keys=True,
     ).encode()).hexdigest()
     previous = _check_key(store, key)
     run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.fingerprint, previous)
@@ -104,21 +106,30 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) 
     return run
 
 
-def plan_ingest(run: IngestRun, scan_records: list[dict[str, Any]], key: DeidKey) -> tuple[UnitPlan, dict[str, str]]:
+def duplicate_checks(run: IngestRun, scan_records: list[ScanRecord]) -> list[list[tuple[int, str]]]:
+    """Shards of `(index, relative path)` of files that share a SOPInstanceUID: their pixels must be compared."""
+    items = [(i, run.listing.paths[i]) for group in sop_groups(scan_records) for i in group]
+    return make_shards(items, run.config.files_per_shard)
+
+
+def plan_ingest(run: IngestRun, scan_records: list[ScanRecord], digests: dict[int, str | None],
+                key: DeidKey) -> tuple[UnitPlan, dict[str, str]]:
     """Units to archive (with per-unit input tags for skip-on-rerun) and the pre-decode quarantine."""
-    plan = plan_units(scan_records, run.listing.paths, run.manifest, Pseudonymizer(key))
-    run_tag = hashlib.sha256(json.dumps([run.config.store.to_dict(), run.key_fingerprint, __version__,
-                                         run.manifest.classes]).encode()).hexdigest()
-    tags = {u["id"]: unit_input_tag(u, run.listing.sizes, run.listing.stamps, run_tag) for u in plan.units}
+    plan = plan_units(scan_records, run.listing.paths, run.manifest, Pseudonymizer(key), digests,
+                      run.config.patient_folder_depth)
+    tag = run_tag(run.config.store, run.key_fingerprint)
+    tags = {u.id: unit_input_tag(u, run.listing.sizes, run.listing.stamps, tag) for u in plan.units}
     return plan, tags
 
 
-def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[dict[str, Any]]]:
+def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[Unit]]:
     """Shards of units holding about `files_per_shard` files each (a CT series counts all its slices)."""
-    shards, current, files = [], [], 0
+    shards: list[list[Unit]] = []
+    current: list[Unit] = []
+    files = 0
     for unit in plan.units:
         current.append(unit)
-        files += len(unit["indices"])
+        files += len(unit.indices)
         if files >= run.config.files_per_shard:
             shards.append(current)
             current, files = [], 0
@@ -127,24 +138,10 @@ def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[dict[str, Any]]]:
     return shards
 
 
-def collect_archive(plan: UnitPlan, shard_records: list[list[dict[str, Any]]]) -> ArchiveOutcome:
-    """Split archive results into archived units and decode-time quarantine (every file of a failed unit)."""
-    outcome = ArchiveOutcome(quarantine=list(plan.quarantine))
-    unit_by_id = {u["id"]: u for u in plan.units}
-    for record in (r for shard in shard_records for r in shard):
-        unit = unit_by_id[record["id"]]
-        if record.get("reason"):
-            outcome.quarantine.extend({"source_hash": h, "reason": record["reason"], "detail": record.get("detail", ""),
-                                       "index": i} for i, h in zip(unit["indices"], unit["hashes"]))
-            if unit["mask_index"] is not None:
-                outcome.quarantine.append({"source_hash": unit["mask_hash"], "reason": "mask_without_image",
-                                           "detail": "its image could not be decoded", "index": unit["mask_index"]})
-            continue
-        if record.get("mask_reason"):
-            outcome.quarantine.append({"source_hash": unit["mask_hash"], "reason": record["mask_reason"],
-                                       "detail": "mask not usable for its image", "index": unit["mask_index"]})
-        outcome.records.append(record)
-    return outcome
+def collect_archive(shard_results: list[list[ArchiveResult]]) -> ArchiveOutcome:
+    """Flatten the mapped archive results; archived records apart (failures are settled by the accounting)."""
+    results = [r for shard in shard_results for r in shard]
+    return ArchiveOutcome(records=[r for r in results if not isinstance(r, ArchiveFailure)], results=results)
 
 
 def lay_out_ingest(run: IngestRun, outcome: ArchiveOutcome) -> tuple[TrainingLayout, dict[str, Any]]:
@@ -154,15 +151,14 @@ def lay_out_ingest(run: IngestRun, outcome: ArchiveOutcome) -> tuple[TrainingLay
     return layout, fingerprint
 
 
-def finish_ingest(run: IngestRun, outcome: ArchiveOutcome, layout: TrainingLayout,
-                  fingerprint: dict[str, Any]) -> dict[str, Any]:
+def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layout: TrainingLayout,
+                  fingerprint: dict[str, Any], key: DeidKey) -> dict[str, Any]:
     """Account for every file, write reports and the content hash, mark the store complete."""
-    counts = account(len(run.listing.paths), outcome.records, outcome.quarantine)
-    counts = {**counts, "training_samples": len(layout.unit_ids), "excluded_from_training": len(layout.excluded)}
+    pseudonyms = Pseudonymizer(key)
+    accounting = account(len(run.listing.paths), plan.units, outcome.results, plan.quarantine,
+                         lambda i: pseudonyms.path(run.listing.paths[i]))
     return finalize_store(
-        run.store, records=outcome.records, quarantine=outcome.quarantine, excluded=layout.excluded,
-        manifest_issues=run.manifest.issues, counts=counts, fingerprint=fingerprint, config=run.config.to_dict(),
-        classes=run.manifest.classes, splits=layout.splits, samples=len(layout.unit_ids),
-        sample_shape=list(layout.sample_shape), run_fingerprint=run.run_fingerprint,
-        key_fingerprint=run.key_fingerprint,
+        run.store, records=outcome.records, accounting=accounting, collisions=plan.collisions, layout=layout,
+        manifest_issues=run.manifest.issues, fingerprint=fingerprint, config=run.config.lineage_dict(),
+        classes=run.manifest.classes, run_fingerprint=run.run_fingerprint, key_fingerprint=run.key_fingerprint,
     )

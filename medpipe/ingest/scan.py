@@ -2,40 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from medpipe.deid import DeidKey, Pseudonymizer
 from medpipe.ingest.discover import source_fs
-from medpipe.readers import UnreadableFile, probe_file
+from medpipe.ingest.records import DicomFacts, FileKind, ScanRecord
+from medpipe.readers import FileProbe, UnreadableFile, probe_file
+from medpipe.readers.acquisitions import SliceInfo
 
 
-def scan_shard(source_url: str, items: Sequence[tuple[int, str]], key: DeidKey) -> list[dict[str, Any]]:
+def scan_shard(source_url: str, items: Sequence[tuple[int, str]], key: DeidKey) -> list[ScanRecord]:
     """Probe files `(index, relative path)`; one record per file, with a quarantine reason when unreadable."""
     fs, root = source_fs(source_url)
     pseudonyms = Pseudonymizer(key)
     records = []
     for index, relative in items:
-        record: dict[str, Any] = {"index": index}
         try:
             probe = probe_file(f"{root}/{relative}", fs)
         except UnreadableFile as exc:
-            record.update(reason=str(exc.reason), detail=exc.detail)
-            records.append(record)
+            records.append(ScanRecord(index, reason=str(exc.reason), detail=exc.detail))
             continue
         except Exception as exc:  # noqa: BLE001 - any reader failure quarantines the file, never the run
-            record.update(reason="decode_error", detail=f"{type(exc).__name__} while probing")
-            records.append(record)
+            records.append(ScanRecord(index, reason="decode_error", detail=f"{type(exc).__name__} while probing"))
             continue
-        record["kind"] = probe.kind
-        if probe.kind == "dicom":
-            record.update(
-                sop=pseudonyms.uid(probe.sop_instance_uid or f"missing:{relative}"),
-                series=pseudonyms.uid(probe.series_instance_uid or f"missing:{relative}"),
-                study=pseudonyms.uid(probe.study_instance_uid or f"missing:{relative}"),
-                patient=pseudonyms.patient(probe.patient_id or ""),
-                modality=probe.modality or "OT",
-                rows=probe.rows, columns=probe.columns, frames=probe.frames,
-                samples_per_pixel=probe.samples_per_pixel, has_position=probe.position is not None,
-            )
-        records.append(record)
+        facts = dicom_facts(probe, relative, pseudonyms) if probe.kind == "dicom" else None
+        records.append(ScanRecord(index, kind=FileKind(probe.kind), dicom=facts))
     return records
+
+
+def dicom_facts(probe: FileProbe, relative: str, pseudonyms: Pseudonymizer) -> DicomFacts:
+    """Pseudonymise a DICOM probe. A missing UID makes the file its own instance/series/study (keyed on its path)."""
+    return DicomFacts(
+        sop=pseudonyms.uid(probe.sop_instance_uid or f"missing:{relative}"),
+        series=pseudonyms.uid(probe.series_instance_uid or f"missing:{relative}"),
+        study=pseudonyms.uid(probe.study_instance_uid or f"missing:{relative}"),
+        patient=pseudonyms.patient(probe.patient_id) if probe.patient_id else None,
+        modality=probe.modality or "OT",
+        slice=SliceInfo.from_probe(probe),
+        frame_groups=tuple(probe.frame_groups),
+    )

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from medpipe.config import IngestConfig, PreprocessConfig
-from medpipe.fingerprint import compute_fingerprint
+from medpipe.ingest.records import ArchiveRecord
 from medpipe.preprocess import NotTrainable, check_kind, to_training_sample
-from medpipe.splits import patient_labels, split_patients
-from medpipe.store import create_training_arrays, open_store, read_archive_image, write_sample_table
+from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
+from medpipe.store import create_training_arrays, get_array, open_store, read_archive_image, write_sample_table
 
 
 @dataclass
@@ -27,7 +27,9 @@ class TrainingLayout:
     normalization: dict[str, Any]
     target_spacing: tuple[float, float, float] | None
     excluded: list[dict[str, Any]] = field(default_factory=list)
-    splits: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)  # samples per split
+    split_patients: dict[str, int] = field(default_factory=dict)  # patients per split
+    warnings: list[str] = field(default_factory=list)
     offset: int = 0  # index of unit_ids[0] in the training arrays (non-zero for a range's slice)
 
     def for_range(self, start: int, stop: int) -> "TrainingLayout":
@@ -37,60 +39,67 @@ class TrainingLayout:
                        excluded=[], offset=start)
 
 
-def _target_spacing(config: PreprocessConfig, fingerprint: dict[str, Any], modalities: set[str]) -> tuple | None:
+def _target_spacing(config: PreprocessConfig, fingerprint: dict[str, Any],
+                    modalities: set[str]) -> tuple[float, float, float] | None:
     if config.kind != "3d":
         return None
     if config.target_spacing is not None:
-        return tuple(config.target_spacing)
+        return config.target_spacing
     medians = [fingerprint["modalities"][m]["spacing_median"] for m in sorted(modalities)]
-    return tuple(float(v) for v in np.median(np.array(medians), axis=0)) if medians else None
+    if not medians:
+        return None
+    dz, dy, dx = (float(v) for v in np.median(np.array(medians), axis=0))
+    return dz, dy, dx
 
 
-def layout_training(store_url: str, records: list[dict[str, Any]], classes: list[str], config: IngestConfig,
+def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[str], config: IngestConfig,
                     fingerprint: dict[str, Any]) -> TrainingLayout:
     """Create the empty training arrays and write the per-sample table; returns the layout for assembling."""
     pre = config.preprocess
     eligible, excluded = [], []
-    for rec in sorted(records, key=lambda r: r["id"]):
-        shape = tuple(rec["shape"]) if rec["shape"][1] > 1 else (rec["shape"][0], *rec["shape"][2:])
+    for rec in sorted(records, key=lambda r: r.id):
+        shape = rec.shape if rec.is_volume else (rec.shape[0], *rec.shape[2:])
         try:
             check_kind(shape, pre)
         except NotTrainable as exc:
-            excluded.append({"unit": rec["id"], "reason": str(exc)})
+            excluded.append({"unit": rec.id, "reason": str(exc)})
             continue
         eligible.append(rec)
     order = np.random.default_rng(config.order_seed).permutation(len(eligible))
     chosen = [eligible[i] for i in order]
-    labels = [classes.index(r["label"]) if r["label"] in classes else -1 for r in chosen]
-    patients = [r["patient"] for r in chosen]
-    split_of = split_patients(patient_labels(patients, labels), config.split)
+    labels = [classes.index(r.label) if r.label in classes else -1 for r in chosen]
+    patients = [r.patient for r in chosen]
+    strata = patient_labels(patients, labels)
+    split_of = split_patients(patients, config.split)
     n = len(chosen)
     sample_shape = (pre.channels, *pre.shape)
-    with_masks = any(r["has_mask"] for r in chosen)
+    with_masks = any(r.has_mask for r in chosen)
     root = open_store(store_url, mode="a")
     per_shard = create_training_arrays(root, n, sample_shape, with_masks, config.store)
-    root["training/labels"][...] = np.asarray(labels, dtype=np.int64) if n else np.zeros(0, np.int64)
+    get_array(root, "training/labels")[...] = np.asarray(labels, dtype=np.int64) if n else np.zeros(0, np.int64)
     splits = np.array([split_of[p] for p in patients], dtype=np.int8)
     write_sample_table(root, {
-        "patient": np.array(patients, dtype=object), "study": np.array([r["study"] for r in chosen], dtype=object),
-        "series": np.array([r["series"] for r in chosen], dtype=object),
-        "unit": np.array([r["id"] for r in chosen], dtype=object),
-        "source_hash": np.array([r["id"] for r in chosen], dtype=object),
-        "modality": np.array([r["modality"] for r in chosen], dtype=object),
+        "patient": np.array(patients, dtype=object), "study": np.array([r.study for r in chosen], dtype=object),
+        "series": np.array([r.series for r in chosen], dtype=object),
+        "unit": np.array([r.id for r in chosen], dtype=object),
+        "source_hash": np.array([r.id for r in chosen], dtype=object),
+        "modality": np.array([r.modality for r in chosen], dtype=object),
         "split": splits, "label": np.asarray(labels, dtype=np.int64),
-        "has_mask": np.array([r["has_mask"] for r in chosen], dtype=bool),
-        "spacing": np.array([r["spacing"] for r in chosen], dtype=np.float64).reshape(n, 3),
-        "shape": np.array([r["shape"] for r in chosen], dtype=np.int64).reshape(n, 4),
+        "has_mask": np.array([r.has_mask for r in chosen], dtype=bool),
+        "spacing": np.array([r.spacing for r in chosen], dtype=np.float64).reshape(n, 3),
+        "shape": np.array([r.shape for r in chosen], dtype=np.int64).reshape(n, 4),
     })
-    modalities = {r["modality"] for r in chosen}
+    modalities = {r.modality for r in chosen}
     return TrainingLayout(
-        unit_ids=[r["id"] for r in chosen], modalities=[r["modality"] for r in chosen],
+        unit_ids=[r.id for r in chosen], modalities=[r.modality for r in chosen],
         sample_shape=sample_shape, with_masks=with_masks,
         ranges=[(s, min(s + per_shard, n)) for s in range(0, n, per_shard)],
         normalization={m: fingerprint["modalities"].get(m, {}).get("intensity") for m in modalities},
         target_spacing=_target_spacing(pre, fingerprint, modalities),
         excluded=excluded,
-        splits={name: int((splits == code).sum()) for name, code in (("train", 0), ("val", 1), ("test", 2))},
+        splits={name: int((splits == code).sum()) for code, name in enumerate(SPLIT_NAMES)},
+        split_patients={name: sum(1 for c in split_of.values() if c == code) for code, name in enumerate(SPLIT_NAMES)},
+        warnings=split_warnings(split_of, strata, config.split, classes),
     )
 
 
@@ -101,18 +110,18 @@ def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int
     masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
     for offset, unit_id in enumerate(layout.unit_ids[start - layout.offset : stop - layout.offset]):
         pixels, mask, attrs = read_archive_image(root, unit_id)
-        modality = attrs.get("modality", "OT")
-        spacing = tuple(attrs["spacing"]) if pixels.ndim == 4 else tuple(attrs["spacing"][1:])
-        image, sample_mask = to_training_sample(pixels, spacing, modality, config, mask=mask,
-                                                norm=layout.normalization.get(modality),
+        record = ArchiveRecord.from_attrs(attrs)
+        spacing = record.spacing if pixels.ndim == 4 else record.spacing[1:]
+        image, sample_mask = to_training_sample(pixels, spacing, record.modality, config, mask=mask,
+                                                norm=layout.normalization.get(record.modality),
                                                 target_spacing=layout.target_spacing)
         images[offset] = image
         if masks is not None and sample_mask is not None:
             masks[offset] = sample_mask
-    root["training/images"][start:stop] = images
+    get_array(root, "training/images")[start:stop] = images
     if masks is not None:
-        root["training/masks"][start:stop] = masks
+        get_array(root, "training/masks")[start:stop] = masks
     return stop - start
 
 
-__all__ = ["TrainingLayout", "layout_training", "assemble_range", "compute_fingerprint"]
+__all__ = ["TrainingLayout", "layout_training", "assemble_range"]

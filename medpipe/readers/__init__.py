@@ -6,8 +6,11 @@ object-store (``s3://``) inputs behave the same. Failures raise :class:`Unreadab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import fsspec
 
+from .acquisitions import Acquisition, SliceInfo, frame_acquisitions, split_series
 from .base import DecodedImage, QuarantineReason, UnreadableFile
 from .dicom import read_dicom_file
 from .nifti import read_nifti
@@ -19,11 +22,14 @@ UNIT_KINDS = ("dicom-series", "dicom-file", "nifti", "raster")
 
 __all__ = [
     "UNIT_KINDS",
+    "Acquisition",
+    "SliceInfo",
     "DecodedImage",
     "FileProbe",
     "QuarantineReason",
     "UnreadableFile",
     "group_series",
+    "frame_acquisitions",
     "kind_from_path",
     "probe_file",
     "read_dicom_file",
@@ -31,16 +37,26 @@ __all__ = [
     "read_nifti",
     "read_raster",
     "read_unit",
+    "split_series",
 ]
 
 
-def read_unit(kind: str, paths: list[str], fs: fsspec.AbstractFileSystem) -> DecodedImage:
-    """Decode one unit of work: ``kind`` in UNIT_KINDS; single-file kinds take exactly one path."""
+def read_unit(
+    kind: str, paths: list[str], fs: fsspec.AbstractFileSystem, frames: Sequence[int] | None = None
+) -> DecodedImage:
+    """Decode one unit of work: ``kind`` in UNIT_KINDS; single-file kinds take exactly one path.
+
+    ``frames`` (only for "dicom-file") selects frames of a multi-frame file, e.g. one frame group.
+    """
+    if frames is not None and kind != "dicom-file":
+        raise ValueError(f"frames= is only for 'dicom-file' units, not {kind!r}")
     if kind == "dicom-series":
         return read_dicom_series(paths, fs)
     if kind not in UNIT_KINDS:
         raise ValueError(f"unknown unit kind {kind!r}; expected one of {UNIT_KINDS}")
     if len(paths) != 1:
         raise ValueError(f"unit kind {kind!r} takes one path, got {len(paths)}")
-    reader = {"dicom-file": read_dicom_file, "nifti": read_nifti, "raster": read_raster}[kind]
+    if kind == "dicom-file":
+        return read_dicom_file(paths[0], fs, frames)
+    reader = {"nifti": read_nifti, "raster": read_raster}[kind]
     return reader(paths[0], fs)

@@ -52,3 +52,4 @@ class DecodedImage:
     header: pydicom.Dataset | None  # first DICOM dataset of the unit without pixel data
     affine: np.ndarray | None = None  # 4x4 index (x, y, z) -> world
     orientation: str | None = None  # axis codes of the (x, y, z) index axes, e.g. "LPS"
+    notes: tuple[str, ...] = ()  # technical facts about the decoding (gantry tilt, spacing jitter, ...)

@@ -21,6 +21,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, convert_color_space
 from pydicom.pixels.decoders.base import get_decoder
 
+from .acquisitions import (
+    ORIENTATION_TOL,
+    POSITION_TOL_MM,
+    TILT_NOTE_DEG,
+    frame_acquisitions,
+    normal_of,
+    regular_runs,
+    tilt_degrees,
+)
 from .base import DecodedImage, QuarantineReason, UnreadableFile
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
@@ -137,6 +146,14 @@ def get_float(ds: pydicom.Dataset, keyword: str) -> float | None:
         return None
 
 
+def frame_count(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames, 1 when absent or malformed (the decoder then reports what it finds)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def get_floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
     """Return a multi-valued numeric element as ``n`` floats, or None."""
     try:
@@ -174,18 +191,18 @@ def _lookup(ds: pydicom.Dataset, seq_keyword: str, keyword: str, frame: int = 0)
     return None
 
 
-def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+def pixel_spacing(ds: pydicom.Dataset, frame: int = 0) -> tuple[float, float]:
     """(dy, dx) from PixelSpacing (also in functional groups), then ImagerPixelSpacing, else 1.0."""
-    src = _lookup(ds, "PixelMeasuresSequence", "PixelSpacing")
+    src = _lookup(ds, "PixelMeasuresSequence", "PixelSpacing", frame)
     for source, keyword in ((src, "PixelSpacing"), (ds, "ImagerPixelSpacing")):
         if source is not None and (values := get_floats(source, keyword, 2)) and min(values) > 0:
             return values[0], values[1]
     return 1.0, 1.0
 
 
-def orientation_cosines(ds: pydicom.Dataset) -> np.ndarray | None:
-    """ImageOrientationPatient as a (2, 3) array of unit row/column cosines, or None."""
-    src = _lookup(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+def orientation_cosines(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray | None:
+    """ImageOrientationPatient (of ``frame`` for enhanced files) as (2, 3) unit row/column cosines, or None."""
+    src = _lookup(ds, "PlaneOrientationSequence", "ImageOrientationPatient", frame)
     values = get_floats(src, "ImageOrientationPatient", 6) if src is not None else None
     if values is None:
         return None
@@ -209,6 +226,50 @@ def build_affine(cos: np.ndarray, origin: Sequence[float], dy: float, dx: float,
     return affine
 
 
+def stack_geometry(
+    cosines: Sequence[np.ndarray], positions: Sequence[Sequence[float]], dy: float, dx: float, thickness: float
+) -> tuple[list[int], float, np.ndarray, tuple[str, ...]]:
+    """(order, dz, affine, notes) of slices with full geometry, sorted ascending along the normal.
+
+    The step vector comes from the first and last positions, so a gantry tilt gives the true (sheared)
+    affine (noted in degrees); dz is the distance between slices along the normal (``thickness`` for one
+    slice). Raises ``decode_error`` for different orientations, shared positions and irregular spacing:
+    spacing is never averaged, the caller splits first (:func:`medpipe.readers.acquisitions.split_series`).
+    """
+    n = len(positions)
+    cos = cosines[0]
+    if any(np.abs(c - cos).max() > ORIENTATION_TOL for c in cosines):
+        raise UnreadableFile(QuarantineReason.decode_error, "slices have different orientations")
+    pos = np.asarray(positions, dtype=np.float64)
+    normal = normal_of(cos.reshape(-1))
+    keys = pos @ normal
+    order = np.argsort(keys, kind="stable")
+    diffs = np.diff(keys[order])
+    if diffs.size and diffs.min() < POSITION_TOL_MM:
+        dup = int(np.sum(diffs < POSITION_TOL_MM))
+        raise UnreadableFile(QuarantineReason.decode_error, f"{dup} slice pair(s) share a position along normal")
+    notes: list[str] = []
+    if n > 1:
+        runs = regular_runs(pos[order])
+        if len(runs) > 1:
+            gaps = [float(keys[order[b[0]]] - keys[order[a[-1]]]) for a, b in zip(runs, runs[1:])]
+            raise UnreadableFile(
+                QuarantineReason.decode_error,
+                f"non-uniform slice spacing: {len(runs)} regular runs, largest gap {max(gaps):.2f} mm "
+                "(split the series first)",
+            )
+        step = (pos[order[-1]] - pos[order[0]]) / (n - 1)
+        dz = float(step @ normal)
+        if (tilt := tilt_degrees(step, normal)) > TILT_NOTE_DEG:
+            notes.append(f"gantry tilt {tilt:.1f} deg")
+        if (jitter := float(np.abs(diffs - dz).max())) > 0.01:
+            notes.append(f"slice spacing varies by up to {jitter:.2f} mm (within tolerance)")
+    else:
+        dz = thickness
+        step = normal * dz
+    return [int(i) for i in order], dz, build_affine(cos, pos[order[0]], dy, dx, step), tuple(notes)
+
+
 def lps_axcodes(affine: np.ndarray) -> str:
     """Axis codes of the index axes for an LPS affine (e.g. "LPS" for a plain axial stack)."""
     import nibabel as nib
@@ -223,8 +284,10 @@ def _decode_error(exc: Exception) -> UnreadableFile:
     return UnreadableFile(QuarantineReason.decode_error, f"pixel decode failed ({type(exc).__name__})")
 
 
-def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Decode all frames to (frames, Y, X, C) stored values: colour as RGB, MONOCHROME1 inverted.
+def decode_pixels(ds: pydicom.Dataset, frames: Sequence[int] | None = None) -> np.ndarray:
+    """Decode ``frames`` (default all) to (frames, Y, X, C) stored values: colour as RGB, MONOCHROME1 inverted.
+
+    A few frames out of many are decoded one by one (pydicom's ``index``); otherwise all are decoded at once.
 
     pydicom 3 already converts YBR_FULL/YBR_FULL_422 to RGB (``raw=False``); the decoder's
     metadata tells us the photometric interpretation of what it returned, so we only convert
@@ -245,10 +308,19 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
         raise UnreadableFile(QuarantineReason.decode_error, "unsupported transfer syntax") from None
     if not decoder.is_available:
         raise UnreadableFile(QuarantineReason.decode_error, "no decoder plugin installed for transfer syntax")
+    total = frame_count(ds)
+    if frames is not None and 2 * len(frames) < total:
+        return np.concatenate([_decode(ds, decoder, index=int(f)) for f in frames])
+    arr = _decode(ds, decoder, index=None)
+    return arr if frames is None else arr[list(frames)]
+
+
+def _decode(ds: pydicom.Dataset, decoder: Any, index: int | None) -> np.ndarray:
+    """One decoder call (all frames, or frame ``index``) -> (frames, Y, X, C)."""
     try:
-        arr, meta = decoder.as_array(ds, validate=True, raw=False, **as_pixel_options(ds))
+        arr, meta = decoder.as_array(ds, index=index, validate=True, raw=False, **as_pixel_options(ds))
         photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
-        frames = int(meta.get("number_of_frames") or 1)
+        frames = 1 if index is not None else int(meta.get("number_of_frames") or 1)
         samples = int(meta.get("samples_per_pixel") or 1)
         if photometric in ("YBR_FULL", "YBR_FULL_422") and samples == 3:
             arr = convert_color_space(arr, photometric, "RGB", per_frame=frames > 1)
@@ -294,20 +366,23 @@ def rescale_params(ds: pydicom.Dataset, frame: int = 0) -> tuple[float, float] |
     return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
 
-def to_modality_values(arr: np.ndarray, ds: pydicom.Dataset, modality: str) -> np.ndarray:
+def to_modality_values(
+    arr: np.ndarray, ds: pydicom.Dataset, modality: str, frames: Sequence[int] | None = None
+) -> np.ndarray:
     """Apply the modality LUT / rescale to (frames, Y, X, C) stored values.
 
     CT always becomes float32 HU; other modalities become float32 only when a non-identity
     rescale is present, else keep their native dtype. Rescale is applied per frame by hand
     (float32) because pydicom's ``apply_rescale`` only reads top-level attributes (enhanced
-    multi-frame keeps them per frame) and returns float64.
+    multi-frame keeps them per frame) and returns float64. ``frames``: the file's frame numbers of ``arr``.
     """
     if arr.shape[-1] != 1:  # colour data has no modality LUT
         return arr
     if "ModalityLUTSequence" in ds and ds.ModalityLUTSequence:
         out = apply_modality_lut(arr, ds)
         return out.astype(np.float32) if modality == "CT" else out
-    params = [rescale_params(ds, i) for i in range(arr.shape[0])]
+    numbers = list(frames) if frames is not None else list(range(arr.shape[0]))
+    params = [rescale_params(ds, i) for i in numbers]
     identity = all(p is None or p == (1.0, 0.0) for p in params)
     if identity and modality != "CT":
         return arr
@@ -359,20 +434,68 @@ def _multiframe_geometry(ds: pydicom.Dataset, frames: int, dy: float, dx: float)
     return dz, affine, lps_axcodes(affine)
 
 
-def read_dicom_file(path: str, fs: fsspec.AbstractFileSystem) -> DecodedImage:
-    """Decode one DICOM file: 2D -> (C, Y, X); multi-frame (NumberOfFrames > 1) -> (C, Z, Y, X)."""
+def read_dicom_file(
+    path: str, fs: fsspec.AbstractFileSystem, frames: Sequence[int] | None = None
+) -> DecodedImage:
+    """Decode one DICOM file: 2D -> (C, Y, X); several frames -> (C, Z, Y, X).
+
+    ``frames`` selects frames of a multi-frame file (one acquisition of
+    :func:`medpipe.readers.acquisitions.frame_acquisitions`; one frame gives a 2D image). Enhanced multi-frame
+    frames with per-frame geometry are sorted along the normal; a whole file whose frames form several
+    acquisitions raises ``decode_error`` (read each acquisition with ``frames=``).
+    """
     ds = load_dataset(path, fs)
     modality = str(ds.get("Modality") or "OT").upper()
-    stored = decode_pixels(ds)  # (frames, Y, X, C)
-    values = to_modality_values(stored, ds, modality)
+    total = frame_count(ds)
+    if frames is not None:
+        frames = [int(f) for f in frames]
+        if not frames or len(set(frames)) != len(frames) or min(frames) < 0 or max(frames) >= total:
+            raise UnreadableFile(QuarantineReason.decode_error, f"frame selection invalid for {total} frame(s)")
+    elif total > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+        groups = frame_acquisitions(ds)
+        if len(groups) > 1:
+            raise UnreadableFile(QuarantineReason.decode_error,
+                                 f"frames form {len(groups)} acquisitions (read each with frames=)")
+        frames = list(groups[0].members)
+    numbers = frames if frames is not None else list(range(total))
+    stored = decode_pixels(ds, frames)  # (frames, Y, X, C)
+    values = to_modality_values(stored, ds, modality, numbers)
     del stored
-    dy, dx = pixel_spacing(ds)
-    frames = values.shape[0]
+    dy, dx = pixel_spacing(ds, numbers[0])
     pixels = np.ascontiguousarray(np.moveaxis(values, -1, 0))  # (C, frames, Y, X)
-    if frames == 1:
+    if len(numbers) == 1:
         image = DecodedImage(pixels[:, 0], (dy, dx), modality, None)
+    elif "PerFrameFunctionalGroupsSequence" in ds and (geometry := _frames_geometry(ds, numbers, dy, dx)):
+        order, dz, affine, notes = geometry
+        pixels = np.ascontiguousarray(pixels[:, order])
+        image = DecodedImage(pixels, (dz, dy, dx), modality, None, affine, lps_axcodes(affine), notes)
     else:
-        dz, affine, orientation = _multiframe_geometry(ds, frames, dy, dx)
+        dz, affine, orientation = _multiframe_geometry(ds, total, dy, dx) if frames is None else (
+            _slice_thickness(ds), None, None)
         image = DecodedImage(pixels, (dz, dy, dx), modality, None, affine, orientation)
     image.header = strip_pixels(ds)
     return image
+
+
+def _frames_geometry(ds: pydicom.Dataset, numbers: Sequence[int], dy: float, dx: float):
+    """:func:`stack_geometry` of the selected frames, or None when a frame lacks position/orientation."""
+    positions = [_frame_position(ds, f) for f in numbers]
+    cosines = [orientation_cosines(ds, f) for f in numbers]
+    if any(p is None for p in positions) or any(c is None for c in cosines):
+        return None
+    return stack_geometry(cosines, positions, dy, dx, _slice_thickness(ds))  # type: ignore[arg-type]
+
+
+def _frame_position(ds: pydicom.Dataset, frame: int) -> tuple[float, ...] | None:
+    item = _fg_item(ds, "PerFrameFunctionalGroupsSequence", "PlanePositionSequence", frame)
+    if item is None:
+        item = _fg_item(ds, "SharedFunctionalGroupsSequence", "PlanePositionSequence")
+    return get_floats(item, "ImagePositionPatient", 3) if item is not None else None
+
+
+def _slice_thickness(ds: pydicom.Dataset) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        src = _lookup(ds, "PixelMeasuresSequence", keyword)
+        if src is not None and (value := get_float(src, keyword)) and value > 0:
+            return value
+    return 1.0

@@ -17,8 +17,9 @@ import pydicom
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+from .acquisitions import Acquisition, clean_image_type, frame_acquisitions
 from .base import QuarantineReason, UnreadableFile
-from .dicom import PIXEL_TAGS, get_floats, parse_dicom
+from .dicom import PIXEL_TAGS, get_float, get_floats, parse_dicom
 from .nifti import nifti_header_shape
 from .raster import raster_header_shape
 
@@ -34,7 +35,9 @@ _PROBE_TAGS = [
         "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
         "Modality", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
         "PhotometricInterpretation",
-        "ImagePositionPatient", "ImageOrientationPatient",
+        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "ImageType", "InstanceNumber",
+        "EchoNumbers", "EchoTime", "TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
+        "TriggerTime",
     )
 ]
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"}
@@ -62,6 +65,15 @@ class FileProbe:
     position: tuple[float, float, float] | None
     orientation: tuple[float, ...] | None
     has_pixel_data: bool
+    instance_number: int | None = None
+    echo_number: int | None = None
+    echo_time: float | None = None
+    temporal_index: int | None = None  # TemporalPositionIndex, else TemporalPositionIdentifier
+    acquisition_number: int | None = None
+    trigger_time: float | None = None
+    image_type: tuple[str, ...] = ()  # ImageType defined terms only (see acquisitions.clean_image_type)
+    pixel_spacing: tuple[float, float] | None = None
+    frame_groups: tuple[Acquisition, ...] = ()  # enhanced multi-frame whose frames form >1 acquisition only
 
 
 def kind_from_path(path: str) -> Kind:
@@ -116,9 +128,21 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 def _int(ds: pydicom.Dataset, keyword: str, default: int | None) -> int | None:
     try:
         value = ds.get(keyword)
+        if isinstance(value, pydicom.multival.MultiValue):  # e.g. EchoNumbers (VM 1-n): the first value
+            value = value[0] if len(value) else None
         return int(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         return default
+
+
+def _frame_groups(f: BinaryIO, size: int) -> tuple[tuple[Acquisition, ...], pydicom.Dataset]:
+    """Parse the whole header (no pixels) of a multi-frame file; its frame groups when there are several."""
+    f.seek(0)
+    ds = parse_dicom(f, size, stop_before_pixels=True)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return (), ds
+    groups = frame_acquisitions(ds)
+    return (tuple(groups) if len(groups) > 1 else ()), ds
 
 
 def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
@@ -126,6 +150,9 @@ def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
     sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
     rows, columns = _int(ds, "Rows", None), _int(ds, "Columns", None)
     frames, samples = _int(ds, "NumberOfFrames", 1) or 1, _int(ds, "SamplesPerPixel", 1) or 1
+    frame_groups: tuple[Acquisition, ...] = ()
+    if frames > 1:  # enhanced multi-frame: per-frame geometry lives in the full header (leaves f at the pixels)
+        frame_groups, _ = _frame_groups(f, size)
     if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
         has_pixels = _deflated_has_pixels(f, size)  # stream offsets are meaningless once inflated
     else:
@@ -153,7 +180,26 @@ def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
         position=position,  # type: ignore[arg-type]
         orientation=get_floats(ds, "ImageOrientationPatient", 6),
         has_pixel_data=True,
+        instance_number=_int(ds, "InstanceNumber", None),
+        echo_number=_int(ds, "EchoNumbers", None),
+        echo_time=get_float(ds, "EchoTime"),
+        temporal_index=_int(ds, "TemporalPositionIndex", None) or _int(ds, "TemporalPositionIdentifier", None),
+        acquisition_number=_int(ds, "AcquisitionNumber", None),
+        trigger_time=get_float(ds, "TriggerTime"),
+        image_type=_image_type(ds),
+        pixel_spacing=get_floats(ds, "PixelSpacing", 2),  # type: ignore[arg-type]
+        frame_groups=frame_groups,
     )
+
+
+def _image_type(ds: pydicom.Dataset) -> tuple[str, ...]:
+    try:
+        value = ds.get("ImageType")
+    except Exception:  # noqa: BLE001 - malformed values read as absent
+        return ()
+    if value is None:
+        return ()
+    return clean_image_type([value] if isinstance(value, str) else list(value))
 
 
 def _deflated_has_pixels(f: BinaryIO, size: int) -> bool:

@@ -1,7 +1,8 @@
 """Read one DICOM series (all instances of a SeriesInstanceUID) into a (C, Z, Y, X) volume.
 
 Slices are sorted ascending along the slice normal (cross product of the row/column cosines),
-falling back to InstanceNumber when geometry is missing. Each file is fetched once; the modality
+falling back to InstanceNumber when geometry is missing. The files must form one acquisition (see
+:mod:`medpipe.readers.acquisitions`): irregular spacing raises rather than being averaged. Each file is fetched once; the modality
 rescale is applied per slice because slope/intercept may differ between slices.
 """
 
@@ -17,7 +18,6 @@ import pydicom
 
 from .base import DecodedImage, QuarantineReason, UnreadableFile
 from .dicom import (
-    build_affine,
     decode_pixels,
     get_float,
     get_floats,
@@ -25,13 +25,11 @@ from .dicom import (
     lps_axcodes,
     orientation_cosines,
     pixel_spacing,
+    stack_geometry,
     strip_pixels,
     to_modality_values,
 )
 from .probe import FileProbe
-
-_POSITION_TOL_MM = 1e-3  # slices closer than this along the normal count as the same position
-_ORIENTATION_TOL = 1e-4
 
 
 def group_series(probes: Iterable[FileProbe]) -> dict[str, list[FileProbe]]:
@@ -87,29 +85,22 @@ def _check_sizes(datasets: list[pydicom.Dataset]) -> None:
 
 
 def _geometry(datasets: list[pydicom.Dataset], dy: float, dx: float):
-    """Return (order, dz, affine, orientation); affine/orientation None without geometry."""
+    """Return (order, dz, affine, orientation, notes); affine/orientation None without geometry.
+
+    See :func:`medpipe.readers.dicom.stack_geometry`; without full geometry the order is by InstanceNumber.
+    """
     n = len(datasets)
     cos = orientation_cosines(datasets[0])
     positions = [get_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
     cosines = [orientation_cosines(ds) for ds in datasets]
     if cos is not None and all(p is not None for p in positions) and all(c is not None for c in cosines):
-        if any(np.abs(c - cos).max() > _ORIENTATION_TOL for c in cosines):
-            raise UnreadableFile(QuarantineReason.decode_error, "slices have different orientations")
-        pos = np.asarray(positions, dtype=np.float64)
-        normal = np.cross(cos[0], cos[1])
-        keys = pos @ normal
-        order = np.argsort(keys, kind="stable")
-        diffs = np.diff(keys[order])
-        if diffs.size and diffs.min() < _POSITION_TOL_MM:
-            dup = int(np.sum(diffs < _POSITION_TOL_MM))
-            raise UnreadableFile(QuarantineReason.decode_error, f"{dup} slice pair(s) share a position along normal")
-        dz = float(np.median(diffs)) if diffs.size else (_thickness(datasets[0]) or 1.0)
-        step = (pos[order[-1]] - pos[order[0]]) / (n - 1) if n > 1 else normal * dz
-        affine = build_affine(cos, pos[order[0]], dy, dx, step)
-        return [int(i) for i in order], dz, affine, lps_axcodes(affine)
+        order, dz, affine, notes = stack_geometry(
+            cosines, positions, dy, dx, _thickness(datasets[0]) or 1.0  # type: ignore[arg-type]  # None-free here
+        )
+        return order, dz, affine, lps_axcodes(affine), notes
     numbers = [_int_attr(ds, "InstanceNumber") for ds in datasets]
     order = sorted(range(n), key=lambda i: (numbers[i] is None, numbers[i] or 0, i))
-    return order, _thickness(datasets[0]) or 1.0, None, None
+    return order, _thickness(datasets[0]) or 1.0, None, None, ("no slice geometry: ordered by InstanceNumber",)
 
 
 def _thickness(ds: pydicom.Dataset) -> float | None:
@@ -121,17 +112,18 @@ def _thickness(ds: pydicom.Dataset) -> float | None:
 
 
 def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> DecodedImage:
-    """Decode all slices of one series to (C, Z, Y, X); CT as float32 HU, others native dtype.
+    """Decode the slices of one acquisition (any order) to (C, Z, Y, X); CT as float32 HU, others native dtype.
 
-    Raises ``mixed_series_sizes`` when Rows/Columns differ and ``decode_error`` when two slices
-    share a position (duplicate SOP instances are removed by the caller beforehand).
+    Raises ``mixed_series_sizes`` when Rows/Columns differ, and ``decode_error`` when slices have different
+    orientations, share a position, or are not regularly spaced: the reader never averages spacing, the caller
+    splits the series first (:func:`medpipe.readers.acquisitions.split_series`). Notes: gantry tilt, spacing jitter.
     """
     if not paths:
         raise UnreadableFile(QuarantineReason.decode_error, "empty series")
     datasets = _load_all(paths, fs)
     _check_sizes(datasets)
     dy, dx = pixel_spacing(datasets[0])
-    order, dz, affine, orientation = _geometry(datasets, dy, dx)
+    order, dz, affine, orientation, notes = _geometry(datasets, dy, dx)
     modality = str(datasets[order[0]].get("Modality") or "OT").upper()
 
     volume: np.ndarray | None = None
@@ -151,4 +143,4 @@ def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> De
             strip_pixels(ds)
     assert volume is not None
     header = strip_pixels(datasets[order[0]])
-    return DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation)
+    return DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation, notes)

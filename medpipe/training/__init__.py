@@ -7,6 +7,8 @@ All errors raised for bad input subclass `TrainingError` (a ValueError) and carr
 
 from __future__ import annotations
 
+from medpipe.task import Task
+
 
 class TrainingError(ValueError):
     """Base class of every training input error."""
@@ -36,6 +38,14 @@ class CorruptCheckpointError(TrainingError):
     """A checkpoint file that cannot be read or lacks required entries."""
 
 
+def as_task(value: Task | str) -> Task:
+    """The `Task` member named by `value` ("classify"/"segment" or a member); TrainingError otherwise."""
+    try:
+        return Task(value)
+    except ValueError:
+        raise TrainingError(f"unknown task {value!r}; use {' or '.join(repr(t.value) for t in Task)}") from None
+
+
 def __getattr__(name: str):  # lazy: importing the exceptions must not import torch/monai
     if name in ("train", "predict", "TrainResult"):
         from medpipe.training import engine
@@ -53,6 +63,10 @@ def __getattr__(name: str):  # lazy: importing the exceptions must not import to
         from medpipe.training import checkpoints
 
         return getattr(checkpoints, name)
+    if name in ("best_val_epoch", "monitor_key"):
+        from medpipe.training import selection
+
+        return getattr(selection, name)
     if name in ("ZarrImageDataset", "BlockShuffleSampler"):
         from medpipe.training import data
 
@@ -61,8 +75,8 @@ def __getattr__(name: str):  # lazy: importing the exceptions must not import to
 
 
 __all__ = [
-    "TrainingError", "StoreNotCompleteError", "MissingLabelsError", "UnknownModelError", "CheckpointExistsError",
-    "CheckpointMismatchError", "CorruptCheckpointError", "train", "predict", "TrainResult", "TrainConfig",
+    "Task", "as_task", "TrainingError", "StoreNotCompleteError", "MissingLabelsError", "UnknownModelError",
+    "CheckpointExistsError", "CheckpointMismatchError", "CorruptCheckpointError", "train", "predict", "TrainResult", "TrainConfig",
     "build_model", "MODEL_NAMES", "load_model", "load_checkpoint", "save_checkpoint", "ZarrImageDataset",
-    "BlockShuffleSampler",
+    "BlockShuffleSampler", "best_val_epoch", "monitor_key",
 ]

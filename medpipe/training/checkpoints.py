@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medpipe.task import Task
 from medpipe.training import CorruptCheckpointError
 from medpipe.training.models import build_model
 
@@ -21,8 +22,11 @@ REQUIRED_KEYS = ("model", "epoch", "config", "store_content_hash", "code_version
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` to `path` atomically (same-folder temp file, fsync, os.replace)."""
+    """Write `payload` to `path` atomically (same-folder temp file, fsync, os.replace). A `Task` under "task" is
+    stored as its value string, so the file loads with weights_only=True."""
     path = Path(path)
+    if isinstance(payload.get("task"), Task):
+        payload = {**payload, "task": payload["task"].value}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -38,7 +42,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True; CorruptCheckpointError when unreadable or incomplete."""
+    """Read a checkpoint with weights_only=True; CorruptCheckpointError when unreadable or incomplete.
+    `payload["task"]` is stored as the Task value string ("classify"/"segment") and returned as a `Task`."""
     path = Path(path)
     if not path.is_file():
         raise CorruptCheckpointError(f"no checkpoint file at {path}")
@@ -52,6 +57,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CorruptCheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a medpipe checkpoint")
+    try:
+        payload["task"] = Task(payload["task"])
+    except ValueError:
+        raise CorruptCheckpointError(f"checkpoint {path} has unknown task {payload['task']!r}") from None
     return payload
 
 

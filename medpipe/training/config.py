@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from medpipe.config import _Section
+from medpipe.task import Task
 
 # Fields that may differ between a run and its resumption: they change speed or where it runs, not the result.
 RUNTIME_FIELDS = frozenset({"num_workers", "cache", "cache_max_bytes", "amp", "channels_last", "compile", "device",
@@ -16,9 +17,9 @@ RUNTIME_FIELDS = frozenset({"num_workers", "cache", "cache_max_bytes", "amp", "c
 class TrainConfig(_Section):
     """How `medpipe train` trains a model on a store. Defaults reach the demo quality bars in minutes on CPU."""
 
-    task: Literal["classify", "segment"] = "classify"
+    task: Task = Field(default=Task.classify, description="classify or segment (YAML/CLI give the string)")
     model: str = Field(default="auto", description="registry name; auto = small-cnn (classify) / small-unet (segment)")
-    epochs: int = Field(default=20, ge=1)
+    epochs: int = Field(default=20, ge=1, description="maximum epochs; chosen on the val split (docs/training.md)")
     batch_size: int | None = Field(default=None, ge=1, description="None = 32 (classify) / 4 (segment)")
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -43,16 +44,17 @@ class TrainConfig(_Section):
         """The registry name this config trains (resolves `auto`)."""
         if self.model != "auto":
             return self.model
-        return "small-cnn" if self.task == "classify" else "small-unet"
+        return "small-cnn" if self.task is Task.classify else "small-unet"
 
     def effective_batch_size(self) -> int:
         """Batch size (resolves None: volumes for segmentation are large, so fewer per batch)."""
         if self.batch_size is not None:
             return self.batch_size
-        return 32 if self.task == "classify" else 4
+        return 32 if self.task is Task.classify else 4
 
     def monitor_name(self) -> str:
-        """The validation metric that selects best.pt and drives early stopping (resolves `auto`)."""
+        """The validation metric that selects best.pt and drives early stopping (resolves `auto`). It is always
+        read from the val split (history column `monitor_key(name)`), never from test."""
         if self.monitor != "auto":
             return self.monitor
-        return "macro_f1" if self.task == "classify" else "dice"
+        return "macro_f1" if self.task is Task.classify else "dice"

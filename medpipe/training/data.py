@@ -5,11 +5,18 @@ Reading sample by sample would decompress a ~1 MB chunk for every 16 KB sample; 
 whole batch at once (`__getitems__`), the batch is read with one zarr slice per contiguous run of chunks, and
 `BlockShuffleSampler` draws batches from a few chunk-sized blocks at a time so one decompressed chunk serves
 several samples (a small per-process LRU of decoded chunks keeps them between the batches of one window).
+
+In-memory cache and DataLoader workers: workers start with `spawn` (see `worker_context`), so each one receives
+a pickled copy of the dataset. A cached dataset therefore moves its cache into shared memory (torch storages in
+/dev/shm) the first time it is pickled, and spawned workers receive a handle to the same pages, not a copy. When
+/dev/shm has no room for it, workers get no cache and read chunks (with their own LRU) instead, with a warning.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator
@@ -22,7 +29,8 @@ from monai.transforms import (Compose, RandFlipd, RandRotated, RandScaleIntensit
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from medpipe.store import SPLIT_CODES
-from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError
+from medpipe.task import Task
+from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError, as_task
 
 set_track_meta(False)  # plain tensors out of MONAI transforms (as in medpipe.preprocess); metadata lives in the store
 
@@ -51,6 +59,19 @@ def split_indices(root: zarr.Group, split: str) -> np.ndarray:
     return np.flatnonzero(codes == SPLIT_CODES[split]).astype(np.int64)
 
 
+SHM_DIR = "/dev/shm"
+SHM_HEADROOM = 256 << 20  # left free in /dev/shm for the DataLoader's own batch transfers
+
+
+def shared_memory_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Free bytes of the shared-memory filesystem torch allocates shared storages in; None where there is none
+    to measure (not Linux)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def _contiguous_runs(sorted_ids: np.ndarray, max_len: int | None = None) -> list[tuple[int, int]]:
     """[first, last] pairs of runs of consecutive integers in a sorted unique array, each at most max_len long."""
     if sorted_ids.size == 0:
@@ -65,10 +86,11 @@ def _contiguous_runs(sorted_ids: np.ndarray, max_len: int | None = None) -> list
     return runs
 
 
-def default_augmentation(task: str, spatial_dims: int) -> Compose:
+def default_augmentation(task: Task | str, spatial_dims: int) -> Compose:
     """Mild MONAI dictionary augmentations: flips, small rotations, intensity scale/shift (image only)."""
-    keys = ["image", "mask"] if task == "segment" else ["image"]
-    modes = ("bilinear", "nearest") if task == "segment" else ("bilinear",)
+    segment = as_task(task) is Task.segment
+    keys = ["image", "mask"] if segment else ["image"]
+    modes = ("bilinear", "nearest") if segment else ("bilinear",)
     small = 0.26  # ~15 degrees
     rotate = (RandRotated(keys=keys, range_x=small, prob=0.3, mode=modes, padding_mode="border") if spatial_dims == 2
               else RandRotated(keys=keys, range_x=small, prob=0.25, mode=modes, padding_mode="border"))
@@ -79,26 +101,31 @@ def default_augmentation(task: str, spatial_dims: int) -> Compose:
 
 
 class ZarrImageDataset(Dataset):
-    """Samples of one split of a store as dicts {"image", "label", "mask" (segment), "index"}.
+    """Samples of one split of a store as dicts {"image" (C, *spatial) float32, "label" int64, "mask" (1, *spatial)
+    uint8 (segment only), "index" (store row)}.
 
     Worker-safe: no zarr handle is pickled; each process opens the store on first use (and again after a fork).
     `cache`: "memory" loads the split's arrays once, "auto" does so when they fit `cache_max_bytes`, "none" reads
     chunks on demand (with an LRU of `chunk_cache_bytes` of decoded chunks per process).
+
+    The cache is shared with spawned DataLoader workers, not copied: the first pickling (the DataLoader starting
+    its workers) moves it into shared memory once (`share_cache`) and the pickled state carries only handles to
+    it (torch's multiprocessing pickler). If /dev/shm cannot hold it (small container default), the workers'
+    copies drop the cache and read chunks instead (a warning says so); the main process keeps its cache.
     """
 
     def __init__(
         self,
         store_url: str,
         split: str = "train",
-        task: str = "classify",
+        task: Task | str = Task.classify,
         transform: Transform | None = None,
         cache: str = "auto",
         cache_max_bytes: int = 2 << 30,
         chunk_cache_bytes: int = 64 << 20,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if task not in ("classify", "segment"):
-            raise TrainingError(f"unknown task {task!r}; use 'classify' or 'segment'")
+        task = as_task(task)
         if cache not in ("auto", "memory", "none"):
             raise TrainingError(f"unknown cache mode {cache!r}; use 'auto', 'memory' or 'none'")
         self.store_url = store_url
@@ -121,13 +148,14 @@ class ZarrImageDataset(Dataset):
         self.chunk_len = int(images.chunks[0])
         self.labels_all = np.asarray(root["training/labels"][...], dtype=np.int64)
         self.has_masks = "masks" in root["training"]
-        if task == "segment" and not self.has_masks:
+        if task is Task.segment and not self.has_masks:
             raise MissingLabelsError(f"{store_url} has no training/masks: segmentation needs a dataset with masks")
-        self._arrays = ("images", "masks") if task == "segment" else ("images",)
-        per_sample = int(np.prod(self.sample_shape)) * 4 + (int(np.prod(self.sample_shape[1:])) if task == "segment" else 0)
+        self._arrays = ("images", "masks") if task is Task.segment else ("images",)
+        per_sample = int(np.prod(self.sample_shape)) * 4 + (int(np.prod(self.sample_shape[1:])) if task is Task.segment else 0)
         self.cached = cache == "memory" or (cache == "auto" and per_sample * len(self.indices) <= cache_max_bytes)
         self._cache: dict[str, np.ndarray] = {}
-        if self.cached:  # eager, so forked workers share it copy-on-write instead of each loading it
+        self._shared: dict[str, torch.Tensor] = {}  # the cache in shared memory, once pickled for workers
+        if self.cached:  # loaded once here; workers get it through shared memory (see share_cache)
             self._cache = {name: self._read_rows(name, self.indices, use_lru=False) for name in self._arrays}
 
     # -- process-local store handle -------------------------------------------------------------------------
@@ -139,10 +167,47 @@ class ZarrImageDataset(Dataset):
             self._lru_bytes = 0
         return self._root
 
+    def cache_bytes(self) -> int:
+        """Bytes held by the in-memory cache (0 when not cached)."""
+        return sum(int(a.nbytes) for a in self._cache.values())
+
+    def share_cache(self) -> bool:
+        """Move the cache into shared memory (once; the arrays keep their values and stay numpy views), so that
+        pickling for a spawned worker sends handles instead of the data. False when not cached or when /dev/shm
+        lacks room (then nothing changes)."""
+        if not self.cached:
+            return False
+        if self._shared:
+            return True
+        need = self.cache_bytes()
+        free = shared_memory_free_bytes()
+        if free is not None and free < need + SHM_HEADROOM:
+            warnings.warn(f"the {need >> 20} MiB in-memory cache of the {self.split!r} split does not fit {SHM_DIR} "
+                          f"({free >> 20} MiB free): DataLoader workers read chunks instead. Give the container more "
+                          "shared memory (docker --shm-size) or set cache: none", RuntimeWarning, stacklevel=2)
+            return False
+        shared = {}
+        for name, arr in self._cache.items():
+            tensor = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype).share_memory_()
+            tensor.numpy()[...] = arr
+            shared[name] = tensor
+        self._shared = shared
+        self._cache = {name: tensor.numpy() for name, tensor in shared.items()}
+        return True
+
     def __getstate__(self) -> dict[str, Any]:
+        """Picklable state without store handles; the cache travels as shared-memory tensors (or not at all)."""
         state = dict(self.__dict__)
-        state.update(_root=None, _pid=None, _lru=OrderedDict(), _lru_bytes=0)
+        state.update(_root=None, _pid=None, _lru=OrderedDict(), _lru_bytes=0, _cache={})
+        if self.cached and not self.share_cache():
+            state.update(cached=False, _shared={})  # the copy reads chunks: never ship the arrays themselves
+        else:
+            state["_shared"] = self._shared
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = {name: tensor.numpy() for name, tensor in self._shared.items()}
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _read_rows(self, name: str, store_idx: np.ndarray, use_lru: bool = True) -> np.ndarray:

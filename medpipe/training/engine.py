@@ -1,16 +1,24 @@
 """Training loop and inference: `train(store_url, out_dir, config)` and `predict(model, store_url, split)`.
 
-One epoch = one pass over the train split in block-shuffled batches; after each epoch the validation metric is
-computed, `last.pt` is written (everything needed to resume) and `best.pt` when the monitored metric improved.
+One epoch = one pass over the train split in block-shuffled batches; after each epoch the metrics of the val
+split are computed (history columns `val_*`), `last.pt` is written (everything needed to resume) and `best.pt` when
+the monitored val metric improved. Metrics come from `medpipe.evaluation.metrics`, the code of the evaluation report.
+
+Validation and test are never silently replaced by other data: with no usable val split, the run warns, trains the
+full `epochs` without early stopping and best.pt is the last epoch (`TrainResult.validation` says so); with no
+usable test split, `test_metrics` is empty and `TrainResult.testing` says why.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,24 +26,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import multiclass_f1_score
 from tqdm.auto import tqdm
 
 from medpipe import __version__
+from medpipe.evaluation.metrics import classification_metrics, mean_foreground_dice
 from medpipe.store import ATTRS_KEY, SPLIT_CODES
+from medpipe.task import Task
 from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, MissingLabelsError,
-                              StoreNotCompleteError, TrainingError)
+                              StoreNotCompleteError, TrainingError, as_task)
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
 from medpipe.training.config import RUNTIME_FIELDS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
                                    open_group, seed_worker, worker_context)
 from medpipe.training.models import build_model, model_task
+from medpipe.training.selection import improved, monitor_key
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+logger = logging.getLogger(__name__)
+
+VALIDATION_ON_VAL = "val split"
+NO_VALIDATION = "none: val split {why} — no early stopping, best.pt = last epoch"
+TEST_ON_TEST = "test split (best.pt)"
+NO_TEST = "none: test split {why} — no test metrics"
 
 
 @dataclass
@@ -54,6 +68,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     test_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    validation: str = VALIDATION_ON_VAL  # what selected best.pt: "val split", or "none: ..." (the reason)
+    testing: str = TEST_ON_TEST          # where test_metrics come from, or "none: ..." (the reason)
 
 
 # -- store checks ------------------------------------------------------------------------------------------------
@@ -74,7 +90,8 @@ def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str,
     if not train.any():
         raise MissingLabelsError(f"{store_url} has no samples in the train split")
     classes = list(attrs.get("classes") or [])
-    if config.task == "classify":
+    has_mask = None
+    if config.task is Task.classify:
         present = np.unique(labels[train & (labels >= 0)])
         if present.size < 2:
             raise MissingLabelsError(
@@ -86,12 +103,24 @@ def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str,
         if "masks" not in root["training"]:
             raise MissingLabelsError(f"segmentation needs masks; {store_url} has no training/masks "
                                      "(ingest with a manifest 'mask' column)")
-        has_mask = np.asarray(root["samples/has_mask"][...]) if "has_mask" in root["samples"] else train
+        has_mask = (np.asarray(root["samples/has_mask"][...], dtype=bool) if "has_mask" in root["samples"]
+                    else np.ones(split.shape, dtype=bool))
         if not (has_mask & train).any():
             raise MissingLabelsError(f"segmentation needs masks in the train split; {store_url} has none")
         num_outputs = 0  # set from the train masks once loaded
-    return {**attrs, "store_url": store_url, "num_outputs": num_outputs, "has_val": bool((split == 1).any()),
-            "has_test": bool((split == 2).any())}
+    scorable = labels >= 0 if has_mask is None else has_mask
+    return {**attrs, "store_url": store_url, "num_outputs": num_outputs, "has_mask": has_mask,
+            "val_empty": _empty_reason(split == SPLIT_CODES["val"], scorable, config.task),
+            "test_empty": _empty_reason(split == SPLIT_CODES["test"], scorable, config.task)}
+
+
+def _empty_reason(in_split: np.ndarray, scorable: np.ndarray, task: Task) -> str | None:
+    """Why a split cannot be scored ("empty", "has no labelled samples", "has no masks"), None when it can."""
+    if not in_split.any():
+        return "empty"
+    if not (in_split & scorable).any():
+        return "has no labelled samples" if task is Task.classify else "has no masks"
+    return None
 
 
 def check_training_inputs(store_url: str, config: TrainConfig, out_dir: str | Path | None = None,
@@ -186,41 +215,46 @@ def _start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
         transform.set_random_state(seed=(seed * 100_003 + epoch) % (2**32))
 
 
-def _to_device(batch: dict[str, Any], task: str, device: torch.device, fmt: torch.memory_format | None
+def _to_device(batch: dict[str, Any], task: Task, device: torch.device, fmt: torch.memory_format | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     x = batch["image"].to(device, non_blocking=True)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    y = batch["label"] if task == "classify" else batch["mask"]
+    y = batch["label"] if task is Task.classify else batch["mask"]
     return x, y.to(device, non_blocking=True).long()
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------------
-def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro F1 of labelled samples (y_true >= 0)."""
-    keep = y_true >= 0
-    if not keep.any():
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    target = torch.as_tensor(y_true[keep])
-    pred = torch.as_tensor(y_prob[keep].argmax(axis=1))
-    k = y_prob.shape[1]
-    return {"accuracy": float((pred == target).float().mean()),
-            "macro_f1": float(multiclass_f1_score(pred, target, num_classes=k, average="macro"))}
+def split_metrics(result: dict[str, Any], num_outputs: int, classes: Sequence[str] = (),
+                  has_mask: np.ndarray | None = None) -> dict[str, float]:
+    """Monitorable metrics of a `predict` result, from medpipe.evaluation.metrics (the evaluation report's code).
 
-
-def segmentation_dice(masks_pred: np.ndarray | torch.Tensor, masks_true: np.ndarray | torch.Tensor,
-                      num_outputs: int) -> float:
-    """Mean Dice over foreground classes and samples whose ground truth is not empty (MONAI DiceMetric)."""
-    pred = one_hot(torch.as_tensor(np.asarray(masks_pred)).long(), num_outputs, dim=1)
-    true = one_hot(torch.as_tensor(np.asarray(masks_true)).long(), num_outputs, dim=1)
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
-    metric(pred, true)
-    value = float(metric.aggregate())
-    return value
+    classify: {"accuracy", "macro_f1"} over labelled samples (y_true >= 0) of y_prob (N, K=num_outputs);
+    segment: {"dice"} = `mean_foreground_dice` of masks_pred/masks_true (N, 1, *spatial) over the samples that
+    have a mask (`has_mask[indices]`, store rows; all when None); an empty prediction of an empty mask scores 1.0.
+    NaN when nothing is scorable. Adds "loss" when the result has one."""
+    nan = float("nan")
+    if result["task"] is Task.classify:
+        keep = result["y_true"] >= 0
+        y_true, y_prob = result["y_true"][keep], result["y_prob"][keep]
+        if not keep.any() or not np.all(np.isfinite(y_prob)):
+            metrics = {"accuracy": nan, "macro_f1": nan}
+        else:
+            names = [*list(classes)[:num_outputs], *(f"class {k}" for k in range(len(classes), num_outputs))]
+            full = classification_metrics(y_true, y_prob, names)
+            metrics = {"accuracy": float(full["accuracy"]), "macro_f1": float(full["f1_macro"])}
+    else:
+        keep = (np.ones(result["indices"].shape, dtype=bool) if has_mask is None
+                else np.asarray(has_mask, dtype=bool)[result["indices"]])
+        metrics = {"dice": mean_foreground_dice(result["masks_pred"][keep], result["masks_true"][keep], num_outputs)
+                   if keep.any() else nan}
+    if "loss" in result:
+        metrics["loss"] = float(result["loss"])
+    return metrics
 
 
 @torch.no_grad()
-def _infer(model: nn.Module, loader: DataLoader, task: str, device: torch.device, amp: torch.dtype | None,
+def _infer(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, amp: torch.dtype | None,
            fmt: torch.memory_format | None, loss_fn: nn.Module | None = None, progress: bool = False
            ) -> dict[str, Any]:
     model.eval()
@@ -233,7 +267,7 @@ def _infer(model: nn.Module, loader: DataLoader, task: str, device: torch.device
         if loss_fn is not None:
             losses.append(float(loss_fn(out, y)) * x.shape[0])
             counts.append(x.shape[0])
-        if task == "classify":
+        if task is Task.classify:
             probs.append(torch.softmax(out, dim=1).cpu().numpy())
         else:
             preds.append(out.argmax(dim=1, keepdim=True).to(torch.uint8).cpu().numpy())
@@ -245,7 +279,7 @@ def _infer(model: nn.Module, loader: DataLoader, task: str, device: torch.device
         "indices": np.concatenate(indices) if indices else np.zeros(0, np.int64),
         "y_true": np.concatenate(labels) if labels else np.zeros(0, np.int64),
     }
-    if task == "classify":
+    if task is Task.classify:
         result["y_prob"] = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
         result["y_pred"] = result["y_prob"].argmax(axis=1) if probs else np.zeros(0, np.int64)
     else:
@@ -256,25 +290,14 @@ def _infer(model: nn.Module, loader: DataLoader, task: str, device: torch.device
     return result
 
 
-def _metrics(result: dict[str, Any], num_outputs: int) -> dict[str, float]:
-    if result["task"] == "classify":
-        metrics = classification_metrics(result["y_true"], result["y_prob"])
-    else:
-        dice = segmentation_dice(result["masks_pred"], result["masks_true"], num_outputs) if result["indices"].size else 0.0
-        metrics = {"dice": 0.0 if np.isnan(dice) else dice}  # nan = no foreground in the split
-    if "loss" in result:
-        metrics["val_loss"] = float(result["loss"])
-    return metrics
-
-
-def predict(model: nn.Module, store_url: str, split: str = "test", *, task: str | None = None,
+def predict(model: nn.Module, store_url: str, split: str = "test", *, task: Task | str | None = None,
             batch_size: int = 32, device: str = "auto", num_workers: int = 0,
             storage_options: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run a model over a split. Returns numpy arrays:
     classify: {"task", "indices", "y_true" (N,), "y_prob" (N, K), "y_pred" (N,)};
     segment: {"task", "indices", "y_true" (N,), "masks_pred" (N, 1, ...), "masks_true" (N, 1, ...)} (uint8).
-    `indices` are store indices (rows of training/ and samples/)."""
-    task = task or getattr(model, "medpipe_task", None) or "classify"
+    `indices` are store indices (rows of training/ and samples/); "task" is a `Task`."""
+    task = as_task(task or getattr(model, "medpipe_task", None) or Task.classify)
     dev = resolve_device(device)
     ds = ZarrImageDataset(store_url, split, task, cache="none", storage_options=storage_options)
     sampler = BlockShuffleSampler(ds, batch_size, shuffle=False)
@@ -298,8 +321,8 @@ def _check_resumable(ckpt: dict[str, Any], facts: dict[str, Any], config: TrainC
         raise CheckpointMismatchError(f"{path} was made with a different config ({detail}); resume with the same "
                                       "settings or train into a new out_dir")
     for key, have in (("sample_shape", list(facts.get("sample_shape") or [])), ("classes", list(facts.get("classes") or [])),
-                      ("task", config.task), ("model_name", config.model_name())):
-        if ckpt[key] != have:
+                      ("task", config.task.value), ("model_name", config.model_name())):
+        if ckpt[key] != have:  # a loaded "task" is a Task, equal to its value string
             raise CheckpointMismatchError(f"{path} has {key}={ckpt[key]!r} but this run has {have!r}")
 
 
@@ -330,20 +353,15 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     tmp.replace(path)
 
 
-def _improved(value: float, best: float | None, monitor: str) -> bool:
-    if np.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value < best if monitor == "val_loss" else value > best
-
-
 # -- training --------------------------------------------------------------------------------------------------------
 def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None,
           on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """Train a model on a store's train split, validate on val each epoch, keep last.pt/best.pt in out_dir.
 
+    best.pt and early stopping read val metrics only (history columns `val_*`); test metrics are computed once,
+    after training, from best.pt. Without a usable val split the run warns (warnings + logger), trains all epochs
+    and best.pt is the last one; without a usable test split `test_metrics` is empty (see `TrainResult`).
     resume=True continues from out_dir/last.pt (same store and config); overwrite=True discards existing
     checkpoints. `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint is written."""
     config = config or TrainConfig()
@@ -368,18 +386,26 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     augment = default_augmentation(config.task, spatial_dims) if config.augment else None
     common = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
                   storage_options=storage_options)
+    validation = VALIDATION_ON_VAL
+    if facts["val_empty"] is not None:
+        validation = NO_VALIDATION.format(why=facts["val_empty"])
+        _warn(f"{store_url}: no validation — {validation}. Ingest with a val fraction (split: val) to select "
+              "the model on held-out data")
     train_ds = ZarrImageDataset(store_url, "train", transform=augment, **common)
-    val_ds = ZarrImageDataset(store_url, "val" if facts["has_val"] else "train", **common)
     num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
     train_loader = _loader(train_ds, config, batch_size, shuffle=True,
                            drop_last=len(train_ds) > batch_size, device=device)
-    val_loader = _loader(val_ds, config, batch_size, shuffle=False, drop_last=False, device=device)
+    val_loader = None
+    if validation == VALIDATION_ON_VAL:
+        val_ds = ZarrImageDataset(store_url, "val", **common)
+        val_loader = _loader(val_ds, config, batch_size, shuffle=False, drop_last=False, device=device)
+    classes = list(facts.get("classes") or [])
 
     model = build_model(model_name, config.task, spatial_dims, sample_shape[0], num_outputs).to(device)
     fmt = _memory_format(len(sample_shape) + 1) if config.channels_last and device.type == "cuda" else None
     if fmt is not None:
         model = model.to(memory_format=fmt)
-    if config.task == "classify":
+    if config.task is Task.classify:
         weight = None
         if config.class_weights:
             lab = train_ds.labels_all[train_ds.indices]
@@ -422,8 +448,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
         _write_metrics_csv(out / "metrics.csv", history)
     writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
     meta = {"config": config.to_dict(), "store_content_hash": facts.get("content_hash"), "code_version": __version__,
-            "classes": list(facts.get("classes") or []), "sample_shape": sample_shape, "task": config.task,
-            "model_name": model_name, "num_outputs": int(num_outputs), "monitor": monitor}
+            "classes": classes, "sample_shape": sample_shape, "task": config.task.value,
+            "model_name": model_name, "num_outputs": int(num_outputs), "monitor": monitor, "validation": validation}
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             if stopped:
@@ -447,12 +473,18 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
                 total += float(loss.detach()) * x.shape[0]
                 seen += x.shape[0]
                 bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
-            result = _infer(forward, val_loader, config.task, device, amp, fmt, loss_fn)
-            metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **_metrics(result, num_outputs),
-                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            metrics: dict[str, float] = {"epoch": epoch, "train_loss": total / max(seen, 1)}
+            if val_loader is not None:  # val split only: the monitor never sees train or test samples
+                val = split_metrics(_infer(forward, val_loader, config.task, device, amp, fmt, loss_fn),
+                                    num_outputs, classes, facts["has_mask"])
+                metrics.update({monitor_key(k): v for k, v in val.items()})
+            metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
             history.append(metrics)
-            value = metrics.get(monitor, float("nan"))
-            if _improved(value, best, monitor):
+            value = metrics.get(monitor_key(monitor), float("nan"))
+            if val_loader is None:  # no model selection: best.pt is simply the latest epoch
+                best_epoch = epoch
+                save_checkpoint(best_path, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": metrics})
+            elif improved(value, best, monitor):
                 best, best_epoch, bad_epochs = float(value), epoch, 0
                 save_checkpoint(best_path, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": metrics})
             else:
@@ -478,20 +510,36 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     finally:
         writer.close()
 
+    # Test: once, after training, on best.pt; never read by selection or early stopping.
     test_metrics: dict[str, float] = {}
-    if facts["has_test"] and best_path.exists():
+    testing = TEST_ON_TEST
+    if facts["test_empty"] is not None:
+        testing = NO_TEST.format(why=facts["test_empty"])
+    elif not best_path.exists():
+        testing = NO_TEST.format(why="not scored: no best.pt (the val metric was never finite)")
+    if testing != TEST_ON_TEST:
+        _warn(f"{store_url}: {testing}")
+    else:
         best_ckpt = load_checkpoint(best_path, map_location=device)
         model.load_state_dict(best_ckpt["model"])
         test_ds = ZarrImageDataset(store_url, "test", **common)
         test_loader = _loader(test_ds, config, batch_size, shuffle=False, drop_last=False, device=device)
-        test_metrics = _metrics(_infer(model, test_loader, config.task, device, amp, fmt), num_outputs)
+        test_metrics = split_metrics(_infer(model, test_loader, config.task, device, amp, fmt), num_outputs,
+                                     classes, facts["has_mask"])
     result = TrainResult(out_dir=out, best_path=best_path, last_path=last_path,
                          epochs_completed=len(history), best_epoch=best_epoch,
                          best_metric=float("nan") if best is None else best, monitor=monitor, stopped_early=stopped,
                          device=str(device), history=history, test_metrics=test_metrics,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, validation=validation, testing=testing)
     (out / "summary.json").write_text(json.dumps({
         "epochs_completed": result.epochs_completed, "best_epoch": best_epoch, "best_metric": result.best_metric,
         "monitor": monitor, "stopped_early": stopped, "device": str(device), "test_metrics": test_metrics,
+        "validation": validation, "testing": testing,
         "config": config.to_dict(), "store_content_hash": facts.get("content_hash")}, indent=1))
     return result
+
+
+def _warn(message: str) -> None:
+    """Say it loudly: a Python warning (shown once per call site by default) and a logger warning."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)

@@ -11,7 +11,8 @@ import torch
 from monai.networks import nets
 from torch import nn
 
-from medpipe.training import TrainingError, UnknownModelError
+from medpipe.task import Task
+from medpipe.training import TrainingError, UnknownModelError, as_task
 
 
 class SmallCNN(nn.Module):
@@ -68,32 +69,33 @@ def _small_unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Mod
 
 
 # name -> (builder, tasks it supports)
-_REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[str, ...]]] = {
-    "small-cnn": (_small_cnn, ("classify",)),
-    "resnet18": (_resnet(18), ("classify",)),
-    "resnet34": (_resnet(34), ("classify",)),
-    "densenet121": (_densenet121, ("classify",)),
-    "unet": (_unet, ("segment",)),
-    "small-unet": (_small_unet, ("segment",)),
+_REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[Task, ...]]] = {
+    "small-cnn": (_small_cnn, (Task.classify,)),
+    "resnet18": (_resnet(18), (Task.classify,)),
+    "resnet34": (_resnet(34), (Task.classify,)),
+    "densenet121": (_densenet121, (Task.classify,)),
+    "unet": (_unet, (Task.segment,)),
+    "small-unet": (_small_unet, (Task.segment,)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def model_task(name: str) -> tuple[str, ...]:
+def model_task(name: str) -> tuple[Task, ...]:
     """Tasks a registered model supports."""
     if name not in _REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     return _REGISTRY[name][1]
 
 
-def build_model(name: str, task: str, spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(name: str, task: Task | str, spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
     """A fresh model from the registry. `num_classes` counts output channels (segment: background included)."""
+    task = as_task(task)
     tasks = model_task(name)
     if task not in tasks:
         valid = [n for n, (_, t) in _REGISTRY.items() if task in t]
-        raise TrainingError(f"model {name!r} does not do {task!r}; models for {task}: {', '.join(valid)}")
+        raise TrainingError(f"model {name!r} does not do {task.value!r}; models for {task.value}: {', '.join(valid)}")
     if spatial_dims not in (2, 3):
         raise TrainingError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     model = _REGISTRY[name][0](spatial_dims, in_channels, num_classes)
-    model.medpipe_task = task  # lets predict() know what the outputs mean
+    model.medpipe_task = task  # a Task member: lets predict() know what the outputs mean
     return model

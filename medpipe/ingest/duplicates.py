@@ -1,0 +1,25 @@
+"""Compare DICOM files that share a SOPInstanceUID by their decoded pixels (run on workers, rarely needed).
+
+Decoded pixels, not file bytes: a lossless copy in another transfer syntax is the same instance (a duplicate),
+while a lossy copy or a UID reused by a bad anonymiser for another image is a collision (see medpipe.ingest.units).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from medpipe.ingest.discover import source_fs
+from medpipe.readers import read_dicom_file
+from medpipe.store import array_checksum
+
+
+def pixel_digests(source_url: str, items: Sequence[tuple[int, str]]) -> dict[int, str | None]:
+    """Digest of the decoded pixels of each `(index, relative path)`; None when the file cannot be decoded."""
+    fs, root = source_fs(source_url)
+    out: dict[int, str | None] = {}
+    for index, relative in items:
+        try:
+            out[index] = array_checksum(read_dicom_file(f"{root}/{relative}", fs).pixels)
+        except Exception:  # noqa: BLE001 - an undecodable copy is settled at archive time (quarantined there)
+            out[index] = None
+    return out

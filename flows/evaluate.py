@@ -17,7 +17,7 @@ def evaluate_flow(store: str, model: str, out_dir: str, split: str = "test", n_b
     """Evaluate MODEL (a run folder or checkpoint) on SPLIT of STORE; the report lands in OUT_DIR."""
     result = evaluate_model(store, model, out_dir, split, n_boot, device)
     create_markdown_artifact(key="evaluation", markdown=result["markdown"] + f"\n\nreport: `{result['report']}`",
-                             description="medpipe evaluation: key numbers with 95% CIs")
+                             description="medpipe evaluation: key numbers with 95% CIs, model vs baselines")
     return result
 
 

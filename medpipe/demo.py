@@ -17,20 +17,33 @@ identifying information also lives in paths.
 
 Image model
 -----------
-* **2D (X-ray DICOM and PNG)**: a smooth "chest-like" background (body envelope,
-  two dark lungs, bright mediastinum, faint ribs, low-frequency blobs) taken from a
-  small per-seed bank, randomly shifted, scaled and overlaid with Gaussian noise.
-  Images labelled ``lesion`` carry a bright round blob of radius 6-14 px (at 128 px;
-  scaled with ``image_size``) centred in the central 70 % of the image; ``none``
-  images have no blob. Each study holds a balanced mix (half lesion, half none).
+The images are meant to be hard enough that a threshold or intensity statistics do not solve
+them, so that evaluation against baselines means something (see docs/evaluation.md).
+
+* **2D (X-ray DICOM and PNG)**: a chest drawn per patient (body size/shape, two lungs of
+  per-patient size and position, mediastinum, diaphragm, ribs) with a per-patient intensity
+  gain ``XRAY_GAIN``, offset ``XRAY_OFFSET`` and pixel-noise sd ``XRAY_NOISE`` (fraction of full
+  scale). Each image: a small random shift, +-3 % gain jitter, smooth clutter (sd
+  ``XRAY_CLUTTER`` x noise sd), 1-5 vessels seen end-on (bright round dots, radius 1.5-3.5 px,
+  contrast ``XRAY_VESSEL_CNR`` x noise sd) and, in half of the images, an elongated lesion-sized
+  structure (rib crossing / oblique vessel, contrast ``XRAY_MIMIC_CNR``): these hard negatives
+  are in ``none`` and ``lesion`` images alike. Images labelled ``lesion`` carry a round blob with
+  a blurred edge, radius 6-14 px (at 128 px; scaled with ``image_size``), peak contrast
+  ``XRAY_LESION_CNR`` x the image's noise sd, centred in the central 70 % of the image and in a
+  lung when one of 20 draws lands there. Each study holds a balanced mix (half lesion, half none).
   Multiclass: radius < 10 px (scaled) is ``small``, otherwise ``large``.
 * **X-ray DICOM encoding**: by global X-ray index ``k``, ``k % 6 == 1`` is RLE
   Lossless, ``k % 6 == 2`` JPEG 2000 Lossless, everything else Explicit VR Little
   Endian. All are lossless, so decoded pixels equal the rendered image.
-* **CT**: body ellipse of soft tissue (40 HU, noise sd 15 HU) in air (-1000 HU).
-  Most series (all but global series index ``k % 5 == 1``) contain an ellipsoidal
-  lesion of +120 HU with in-plane radius 4-9 voxels (at 64 px; scaled with
-  ``ct_size``); the mask is exactly the lesion voxels. Multiclass: in-plane radius
+* **CT**: per patient, a body ellipse with a subcutaneous fat layer (-100 HU), soft tissue
+  (40 HU) and two lungs (-850 HU) that widen towards the lower slices, all shifted by a
+  per-patient HU offset ``CT_HU_OFFSET``, in air (-1000 HU), with per-patient noise sd
+  ``CT_NOISE_HU``. Every series has 2-5 vessels running along z through the soft tissue (bright
+  dots in each slice, contrast 1.5-3 noise sd; hard negatives). Most series (all but global series
+  index ``k % 5 == 1``) contain a lesion in soft tissue: a physically round ellipsoid of in-plane
+  radius 4-9 voxels (at 64 px; scaled with ``ct_size``) and contrast ``CT_LESION_CNR`` x the noise
+  sd, rendered with partial volume (occupancy supersampled 4x along z and 2x in-plane) and a
+  slight in-plane blur; the mask is the soft-tissue voxels at least half inside it. Multiclass: in-plane radius
   < 6.5 voxels (scaled) is ``small``, otherwise ``large``. Slice files are named in
   a shuffled order (``IM0007.dcm`` is not the 7th slice along z) and
   ``InstanceNumber`` counts down from the top slice, so readers must sort by
@@ -56,8 +69,8 @@ All randomness comes from ``numpy.random.default_rng`` seeded with ``(seed, tag,
 indices...)`` and all UIDs are ``2.25.<128-bit hash of seed and indices>``; no
 clock is read. The same spec therefore gives byte-identical files (given the same
 library versions, since codecs and the DICOM writer are part of the bytes). Pixel
-content depends only on the seed and the file's own (patient, study, image)
-indices; which X-ray is compressed and which CT series has a lesion follow the
+content depends only on the seed, the patient's anatomy (seeded by the patient index)
+and the file's own (patient, study, image) indices; which X-ray is compressed and which CT series has a lesion follow the
 global index, so they shift when per-study counts change.
 
 ``write_defective_files(out)`` writes one file of each bad-input kind (plus a few
@@ -123,8 +136,9 @@ XRAY_NOISE = (0.02, 0.04)  # per-patient pixel-noise sd, fraction of full scale
 XRAY_GAIN = (0.8, 1.15)  # per-patient intensity gain
 XRAY_OFFSET = (-0.06, 0.06)  # per-patient intensity offset, fraction of full scale
 XRAY_CLUTTER = 0.4  # sd of smooth anatomical clutter, in units of the pixel-noise sd
-XRAY_VESSELS = (1, 6)  # end-on vessels per image: [low, high) count, radius 1.5-3.5 px, contrast 1.5-3 sd
-XRAY_MIMIC_CNR = (2.5, 4.5)  # contrast of those structures / pixel-noise sd
+XRAY_VESSELS = (1, 6)  # end-on vessels per image: [low, high) count, radius 1.5-3.5 px at 128 px
+XRAY_VESSEL_CNR = (4.0, 7.0)  # their contrast / pixel-noise sd
+XRAY_MIMIC_CNR = (4.0, 7.0)  # contrast of those structures / pixel-noise sd
 XRAY_MIMIC_P = 0.5  # chance per image of an elongated lesion-sized structure (rib crossing / oblique vessel)
 
 _SURNAMES = (
@@ -309,9 +323,12 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
     text_report_sr.dcm              non_image_dicom        Basic Text SR, no pixels
     corrupt_mask.nii.gz             unreadable_nifti       gzip stream cut in the voxel data
     corrupt.png                     unreadable_image       PNG cut in its image data
-    mixed/IM000{1..6}.dcm           mixed_series_sizes     one CT series, 48x48 and 40x40
+    mixed/IM000{1..6}.dcm           ""                     one CT series, 48x48 and 40x40: split by
+                                                           size into two volumes (dcm2niix-style)
     valid_dx.dcm                    ""                     valid DX
     valid_dx_copy.dcm               duplicate_instance     byte copy of valid_dx.dcm
+    valid_dx_collision.dcm          ""                     valid_dx.dcm's SOPInstanceUID, other pixels:
+                                                           a UID collision, ingested and reported
     us_rgb.dcm                      ""                     US, RGB, SamplesPerPixel 3
     multiframe_xa.dcm               ""                     XA, NumberOfFrames 8
     tiff16.tif                      ""                     16-bit grayscale TIFF
@@ -366,6 +383,7 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
     valid = _dicom_bytes(dx("valid"))
     put("valid_dx.dcm", valid, "")
     put("valid_dx_copy.dcm", valid, "duplicate_instance")
+    put("valid_dx_collision.dcm", _dicom_bytes(dx("valid")), "")  # same UIDs, freshly drawn noise
 
     # NIfTI whose gzip stream ends inside the voxel data (header still parses).
     noise = rng.integers(0, 255, size=(32, 32, 32), dtype=np.uint8)
@@ -381,7 +399,7 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
         vol = np.full((n, n), CT_BODY_HU - CT_RESCALE_INTERCEPT, dtype=np.int16)
         ds = _ct_dataset(pat, st, series_uid, _uid(-1, "defective", "mixed", k), _uid(-1, "defective", "for"),
                          2, "AXIAL 2.5MM", 6 - k, (-n * 0.4, -n * 0.4, k * CT_SLICE_THICKNESS), vol)
-        put(f"mixed/IM{k + 1:04d}.dcm", _dicom_bytes(ds), "mixed_series_sizes")
+        put(f"mixed/IM{k + 1:04d}.dcm", _dicom_bytes(ds), "")
 
     put("us_rgb.dcm", _dicom_bytes(_us_dataset(pat, st, rng)), "")
     put("multiframe_xa.dcm", _dicom_bytes(_xa_multiframe_dataset(pat, st, rng)), "")
@@ -590,12 +608,10 @@ def _render_2d(
     img = bg[dy : dy + size, dx : dx + size] * np.float32(gain * rng.uniform(0.97, 1.03))
     img += np.float32(offset + rng.uniform(-0.01, 0.01)) + clutter
     scale = size / 128.0
-    lung_win = lung[dy : dy + size, dx : dx + size]
     for _ in range(int(rng.integers(*XRAY_VESSELS))):  # vessels seen end-on: small, bright, round
         cy, cx = rng.uniform(0.1 * size, 0.9 * size, size=2)
         r = float(rng.uniform(1.5, 3.5)) * scale
-        _add_blob(img, cy, cx, r, r, 0.0, float(rng.uniform(1.5, 3.0)) * noise * (0.5 + lung_win[int(cy), int(cx)]),
-                  0.6 * scale + 0.3)
+        _add_blob(img, cy, cx, r, r, 0.0, float(rng.uniform(*XRAY_VESSEL_CNR)) * noise, 0.6 * scale + 0.3)
     if rng.random() < XRAY_MIMIC_P:  # rib crossing / oblique vessel: lesion-sized but elongated
         cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
         r = float(rng.uniform(2.5, 5.0)) * scale

@@ -218,7 +218,10 @@ def train(
                                         progress=progress))
     numbers = ", ".join(f"{k} {v:.3f}" for k, v in summary["test_metrics"].items() if isinstance(v, float))
     console.print(f"model: {summary['best_path']}  ({summary['epochs_completed']} epochs on {summary['device']})\n"
-                  f"test: {numbers}")
+                  f"validated on: {summary['validation']}\ntest: {numbers or summary['testing']}")
+    for field in ("validation", "testing"):
+        if str(summary[field]).startswith("none"):
+            _warn(f"{field}: {summary[field]}")
 
 
 @app.command()

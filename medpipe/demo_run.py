@@ -36,6 +36,7 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
         made[name] = store
     from flows.evaluate import run_evaluate
     from flows.train import run_train
+    from medpipe.evaluation.report import network_vs_baselines
     from medpipe.training.config import TrainConfig
 
     for store_name, task in (("store-2d.zarr", Task.classify), ("store-3d.zarr", Task.segment)):
@@ -43,7 +44,8 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
         trained = run_train(made[store_name], str(run_dir), TrainConfig(task=task), overwrite=True, progress=True)
         evaluated = run_evaluate(made[store_name], str(run_dir), str(run_dir / "report"))
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in trained["test_metrics"].items() if isinstance(v, float))
-        console.print(f"[bold]{task}[/] model {trained['best_path']}\n  test: {numbers}\n"
+        console.print(f"[bold]{task}[/] model {trained['best_path']}  (validated on: {trained['validation']})\n"
+                      f"  test: {numbers or trained['testing']}\n  {network_vs_baselines(evaluated['metrics'], evaluated['baselines'])}\n"
                       f"  report: {evaluated['report']}")
         made[f"report-{task}"] = evaluated["report"]
     console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}\n"

@@ -7,6 +7,7 @@ Spatial operations are MONAI transforms on channel-first arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,18 +82,23 @@ def to_training_sample(
         if target_spacing is not None:
             size = resampled_size(x.shape[1:], spacing, target_spacing)
             if size != tuple(x.shape[1:]):
-                x = _np(Resize(size, mode="trilinear")(x))
-                m = None if m is None else _np(Resize(size, mode="nearest")(m))
-        x = _np(ResizeWithPadOrCrop(spatial, mode="edge")(x))
-        m = None if m is None else _np(ResizeWithPadOrCrop(spatial)(m))
+                x = _apply(Resize(size, mode="trilinear"), x)
+                m = None if m is None else _apply(Resize(size, mode="nearest"), m)
+        x = _apply(ResizeWithPadOrCrop(spatial, mode="edge"), x)
+        m = None if m is None else _apply(ResizeWithPadOrCrop(spatial), m)
     elif config.fit == "resize":
         if tuple(x.shape[1:]) != spatial:
-            x = _np(Resize(spatial, mode="area")(x))
-            m = None if m is None else _np(Resize(spatial, mode="nearest")(m))
+            x = _apply(Resize(spatial, mode="area"), x)
+            m = None if m is None else _apply(Resize(spatial, mode="nearest"), m)
     else:
-        x = _np(ResizeWithPadOrCrop(spatial, mode="edge")(x))
-        m = None if m is None else _np(ResizeWithPadOrCrop(spatial)(m))
+        x = _apply(ResizeWithPadOrCrop(spatial, mode="edge"), x)
+        m = None if m is None else _apply(ResizeWithPadOrCrop(spatial), m)
     return x.astype(np.float32), None if m is None else np.rint(m).astype(np.uint8)
+
+
+def _apply(transform: Callable[..., Any], arr: np.ndarray) -> np.ndarray:
+    """A MONAI array transform on a numpy array (MONAI accepts numpy at runtime though its hints say Tensor)."""
+    return _np(transform(arr))
 
 
 def _np(value: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from medpipe.training.config import TrainConfig
 
-TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="train-model", **TASK)

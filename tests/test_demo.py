@@ -157,7 +157,7 @@ def test_ct_geometry_matches_mask(dataset):
         if row["label"] == "lesion":
             assert mask.sum() > 0 and mc[row["path"]] in {"small", "large"}
             cnr = _ct_lesion_cnr(hu, mask)
-            assert 0.4 < cnr < 2.6, cnr  # documented: contrast 1-2 noise sd, less after partial volume and blur
+            assert 1.5 < cnr < 5.0, cnr  # documented: contrast 3-4.5 noise sd, less after partial volume and blur
         else:
             assert mask.sum() == 0 and mc[row["path"]] == "none"
 

@@ -35,7 +35,7 @@ from medpipe.evaluation.bootstrap import (
     with_confidence_intervals,
 )
 from medpipe.evaluation.metrics import classification_metrics, mean_foreground_dice, segmentation_metrics
-from medpipe.store import SPLIT_CODES, open_store, read_sample_table
+from medpipe.store import SPLIT_CODES, get_array, get_group, open_store, read_sample_table
 from medpipe.task import Task
 
 __all__ = [
@@ -192,7 +192,7 @@ def classification_baselines(store_url: str, indices: np.ndarray, y_true: np.nda
     """
     root = open_store(store_url)
     table = read_sample_table(root)
-    labels = np.asarray(root["training/labels"][...], dtype=np.int64)
+    labels = np.asarray(get_array(root, "training/labels")[...], dtype=np.int64)
     k = len(classes)
     y_true = np.asarray(y_true, dtype=np.int64)
     train = _split_indices(table, "train")
@@ -202,7 +202,7 @@ def classification_baselines(store_url: str, indices: np.ndarray, y_true: np.nda
     out: dict[str, dict[str, Any]] = {}
     if train.size == 0:
         return out
-    kw = {"n_boot": n_boot, "seed": seed}
+    kw: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
 
     major = majority_class(labels[train], k)
     prob = np.zeros((y_true.size, k))
@@ -212,7 +212,7 @@ def classification_baselines(store_url: str, indices: np.ndarray, y_true: np.nda
         f"({int((labels[train] == major).sum())} of {train.size} train cases); its scores are constant, so its "
         "AUROC is 0.5", {"class": classes[major], "chosen_on": "train"}, y_true, prob, classes, model_prob, kw)
 
-    images = root["training/images"]
+    images = get_array(root, "training/images")
     try:
         model, tuning = fit_intensity_logreg(_features_of(images, train), labels[train], _features_of(images, val),
                                              labels[val], k)
@@ -298,9 +298,9 @@ def segmentation_baselines(store_url: str, indices: np.ndarray, masks_true: np.n
     root = open_store(store_url)
     table = read_sample_table(root)
     train = _split_indices(table, "train")
-    if train.size == 0 or "masks" not in root["training"]:
+    if train.size == 0 or "masks" not in get_group(root, "training"):
         return {}
-    images, masks = root["training/images"], root["training/masks"]
+    images, masks = get_array(root, "training/images"), get_array(root, "training/masks")
     tuning = _choose_otsu_rule(images, masks, train, seed)
     indices = np.asarray(indices, dtype=np.int64)
     pred = np.zeros(np.shape(masks_true), dtype=np.uint8)
@@ -309,7 +309,7 @@ def segmentation_baselines(store_url: str, indices: np.ndarray, masks_true: np.n
     metrics = segmentation_metrics(pred, masks_true, spacing=spacing, num_classes=num_classes)
     if num_classes > 2:
         metrics["notes"].append("The Otsu baseline is binary: all its foreground is labelled class 1.")
-    kw = {"n_boot": n_boot, "seed": seed}
+    kw: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
     entry: dict[str, Any] = {
         "title": "Otsu threshold",
         "description": "a per-image Otsu intensity threshold (scikit-image), with the side taken as foreground "
@@ -340,7 +340,7 @@ def paired_differences(task: Task, a: Any, b: Any, c: Any = None, *, n_boot: int
     hd95 lists); keys dice_mean, iou_mean, hd95_mean (HD95 over cases defined for both). Entries {value, low, high}.
     """
     out: dict[str, dict[str, float]] = {}
-    kw = {"n_boot": n_boot, "seed": seed, "alpha": alpha, "batched": True}
+    kw: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "alpha": alpha, "batched": True}
     if task == Task.classify:
         y = np.asarray(a, dtype=np.int64)
         pm, pb = np.asarray(b, dtype=np.float64), np.asarray(c, dtype=np.float64)

@@ -156,7 +156,7 @@ def with_confidence_intervals(
     """
     out = copy.deepcopy(metrics)
     ci: dict[str, Any] = {}
-    kw = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "batched": True}
+    kw: dict[str, Any] = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "batched": True}
     task = metrics.get("task")
     if task == Task.classify:
         if y_true is None or y_prob is None:

@@ -22,7 +22,7 @@ from medpipe.evaluation.plots import (
 )
 from medpipe.evaluation.report import markdown_summary, write_report
 from medpipe.evaluation.spacing import training_spacing
-from medpipe.store import open_store, read_sample_table, store_attrs
+from medpipe.store import get_array, open_store, read_sample_table, store_attrs
 from medpipe.task import Task
 from medpipe.training import CheckpointMismatchError, TrainingError
 
@@ -54,7 +54,7 @@ def load_checked_model(store_url: str, model_path: str | Path):
 
 
 def _sample_images(store_url: str, indices: np.ndarray) -> np.ndarray:
-    images = open_store(store_url)["training/images"]
+    images = get_array(open_store(store_url), "training/images")
     return np.stack([images[int(i)] for i in indices]) if len(indices) else np.zeros((0, *images.shape[1:]), np.float32)
 
 
@@ -77,7 +77,7 @@ def evaluate_checkpoint(store_url: str, model_path: str | Path, out_dir: str | P
         plots["training_curves"] = plot_training_curves(run_dir / "metrics.csv", out / "training_curves.png")
     shown = indices[:SAMPLE_FIGURES]
     images = _sample_images(store_url, shown)
-    ci_kw = {"n_boot": n_boot, "seed": seed}
+    ci_kw: dict[str, Any] = {"n_boot": n_boot, "seed": seed}
     if task == Task.classify:
         classes = list(meta.get("classes") or attrs.get("classes") or [])
         labelled = result["y_true"] >= 0

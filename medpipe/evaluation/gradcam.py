@@ -9,6 +9,7 @@ own score; and the hooks it registers are never removed, so we remove them after
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,12 +82,14 @@ def grad_cam_maps(
     # target layer breaks full backward hooks, so in-place is switched off for the duration of the call.
     modules = list(model.modules())
     saved_hooks = [(m, set(m._forward_hooks), set(m._backward_hooks), m._is_full_backward_hook) for m in modules]
-    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
+    # modules with a plain bool `inplace` flag (e.g. ReLU); Any, as torch types module attributes Tensor | Module
+    inplace: list[tuple[Any, Any]] = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
     for m, _ in inplace:
         m.inplace = False
     try:
         wrapped = _PerSampleHooks(model, layer, register_forward=True, register_backward=True)
-        cam = GradCAM(nn_module=wrapped, target_layers=layer, postprocessing=_normalise)
+        # MONAI hints nn.Module, but GradCAM takes a ModelWithHooks as is (it only wraps other modules)
+        cam = GradCAM(nn_module=wrapped, target_layers=layer, postprocessing=_normalise)  # type: ignore[arg-type]
         with torch.enable_grad():
             maps = cam(x=x, class_idx=0 if chosen is not None else None)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -226,13 +226,14 @@ def segmentation_metrics(
     dice, iou = dice_iou(pred_oh, true_oh)
 
     axes = tuple(range(2, pred_oh.ndim))
-    either_empty = ~(pred_oh.any(axis=axes) & true_oh.any(axis=axes))
+    either_empty = np.asarray(~(pred_oh.any(axis=axes) & true_oh.any(axis=axes)))  # (N, C-1) bool
     hd = np.full(dice.shape, NAN)
     ok = ~either_empty.all(axis=1)  # samples with at least one class where both masks are non-empty
     if ok.any():
         sp = spacing
         if spacing is not None and not np.isscalar(spacing) and np.ndim(spacing) == 2:
-            sp = [spacing[i] for i in np.flatnonzero(ok)]  # per-sample spacing
+            per_sample_spacing = cast(Sequence[Sequence[float]], spacing)
+            sp = [per_sample_spacing[int(i)] for i in np.flatnonzero(ok)]  # per-sample spacing
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = compute_hausdorff_distance(

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def markdown_summary(metrics: Mapping[str, Any], task: Task | str | None = None,
                      baselines: Mapping[str, Any] | None = None) -> str:
     """Short markdown table of the key numbers (with 95% CIs when present) for a Prefect artifact, followed by the
     model-vs-baselines table and the sentence on what the network adds when ``baselines`` are given."""
-    task = Task(task or metrics.get("task"))
+    task = Task(cast(str, task or metrics.get("task")))
     m = dict(metrics)
     m["task"] = task
     lines = [f"# medpipe evaluation ({task})", "", f"Test set: **{int(m.get('n', 0))}** cases", "",
@@ -284,7 +284,7 @@ def baseline_table(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) -> 
 
 def network_vs_baselines(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) -> str:
     """One plain-language sentence: how much the network adds over the strongest baseline (paired 95% CI)."""
-    task = Task(metrics.get("task"))
+    task = Task(cast(str, metrics.get("task")))
     key, label = _PRIMARY[task]
     shown = _evaluated(baselines)
     if not shown:
@@ -298,8 +298,9 @@ def network_vs_baselines(metrics: Mapping[str, Any], baselines: Mapping[str, Any
     model_v, base_v = metrics.get(key), best["metrics"].get(key)
     text = (f"Against the strongest baseline ({best.get('title')}, {label} {_num(base_v)}), the network's {label} "
             f"is {_num(model_v)}")
-    diff = (best.get("difference") or {}).get(key) or {}
-    low, high = diff.get("low"), diff.get("high")
+    diff: Mapping[str, Any] = (best.get("difference") or {}).get(key) or {}
+    low: Any = diff.get("low")  # checked below via _num before use
+    high: Any = diff.get("high")
     if _num(diff.get("value")) == "n/a" or _num(low) == "n/a":
         return text + "; no paired confidence interval of the difference could be computed."
     text += (f": a difference of {float(diff['value']):+.2f} (paired bootstrap 95% CI {float(low):+.2f} to "
@@ -374,7 +375,9 @@ def write_report(
     items = _headline_items(metrics)
     head_html = "".join(f"<p><b>{_e(label)} {_e(value)}</b> {_e(cohort)}<br>"
                         f"<span class='muted'>{_e(label)}: {_e(meaning)}.</span></p>" for label, value, meaning in items)
-    ci_method = next(iter((metrics.get("ci") or {}).values()), {}).get("method")
+    ci_blocks: Mapping[str, Any] = metrics.get("ci") or {}
+    first_ci: Mapping[str, Any] = next(iter(ci_blocks.values()), {})
+    ci_method = first_ci.get("method")
     ci_line = (f"<p class='muted'>95% confidence intervals: {_e(ci_method)} "
                f"({_e(next(iter(metrics['ci'].values())).get('n_boot'))} resamples).</p>") if ci_method else \
         "<p class='muted'>No confidence intervals were computed.</p>"

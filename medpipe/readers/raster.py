@@ -71,7 +71,7 @@ def _read_tiff(f: BinaryIO) -> np.ndarray:
     """TIFF -> (C, Z, Y, X) or (C, Y, X)."""
     with tifffile.TiffFile(f) as tif:
         series = tif.series[0]
-        page = series.pages[0]
+        page = series.keyframe  # the first page as a TiffPage (pages[0] may be typed TiffFrame | None)
         arr = series.asarray()
         axes, shape = series.axes, series.shape
         kept, channel, depth = _tiff_plan(axes, shape)
@@ -99,7 +99,7 @@ def raster_header_shape(f: BinaryIO, path: str) -> tuple[int, int, int, int]:
                 series = tif.series[0]
                 kept, channel, depth = _tiff_plan(series.axes, series.shape)
                 sizes = dict(zip(series.axes, series.shape))
-                photometric = series.pages[0].photometric
+                photometric = series.keyframe.photometric
             channels = _tiff_channels(channel, sizes[channel]) if channel else (
                 3 if photometric == tifffile.PHOTOMETRIC.PALETTE else 1
             )

@@ -28,7 +28,7 @@ from monai.data import set_track_meta
 from monai.transforms import (Compose, RandFlipd, RandRotated, RandScaleIntensityd, RandShiftIntensityd)
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from medpipe.store import SPLIT_CODES
+from medpipe.store import SPLIT_CODES, get_array, get_group
 from medpipe.task import Task
 from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError, as_task
 
@@ -49,9 +49,9 @@ def open_group(store_url: str, storage_options: dict[str, Any] | None = None) ->
 
 def split_indices(root: zarr.Group, split: str) -> np.ndarray:
     """Sorted store indices of a split ("train", "val", "test" or "all")."""
-    if "samples" not in root or "split" not in root["samples"]:
+    if "samples" not in root or "split" not in get_group(root, "samples"):
         raise StoreNotCompleteError("store has no samples/split column: was ingestion completed?")
-    codes = np.asarray(root["samples/split"][...])
+    codes = np.asarray(get_array(root, "samples/split")[...])
     if split == "all":
         return np.arange(codes.shape[0], dtype=np.int64)
     if split not in SPLIT_CODES:
@@ -139,15 +139,15 @@ class ZarrImageDataset(Dataset):
         self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lru_bytes = 0
         root = self._group()
-        if "training" not in root or "images" not in root["training"]:
+        if "training" not in root or "images" not in get_group(root, "training"):
             raise StoreNotCompleteError(f"{store_url} has no training/images array: was ingestion completed?")
-        images = root["training/images"]
+        images = get_array(root, "training/images")
         self.indices = split_indices(root, split)
         self.n_total = int(images.shape[0])
         self.sample_shape = tuple(int(s) for s in images.shape[1:])
         self.chunk_len = int(images.chunks[0])
-        self.labels_all = np.asarray(root["training/labels"][...], dtype=np.int64)
-        self.has_masks = "masks" in root["training"]
+        self.labels_all = np.asarray(get_array(root, "training/labels")[...], dtype=np.int64)
+        self.has_masks = "masks" in get_group(root, "training")
         if task is Task.segment and not self.has_masks:
             raise MissingLabelsError(f"{store_url} has no training/masks: segmentation needs a dataset with masks")
         self._arrays = ("images", "masks") if task is Task.segment else ("images",)
@@ -212,7 +212,7 @@ class ZarrImageDataset(Dataset):
     # -- reading -----------------------------------------------------------------------------------------------
     def _read_rows(self, name: str, store_idx: np.ndarray, use_lru: bool = True) -> np.ndarray:
         """Rows `store_idx` (sorted, unique) of training/<name>, decompressing each covering chunk once."""
-        arr = self._group()[f"training/{name}"]
+        arr = get_array(self._group(), f"training/{name}")
         c = int(arr.chunks[0])
         out = np.empty((store_idx.size, *arr.shape[1:]), dtype=arr.dtype)
         if store_idx.size == 0:
@@ -250,7 +250,7 @@ class ZarrImageDataset(Dataset):
             _, old = self._lru.popitem(last=False)
             self._lru_bytes -= old.nbytes
 
-    def read_arrays(self, positions: Sequence[int]) -> dict[str, np.ndarray]:
+    def read_arrays(self, positions: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Raw arrays (no transform) of split positions: {"images", "masks"?, "labels", "indices"}."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         store_idx = self.indices[pos]
@@ -318,7 +318,7 @@ class SampleBatch(Sequence):
         return int(self.collated["image"].shape[0])
 
     def __getitem__(self, k: int) -> dict[str, Any]:  # type: ignore[override]
-        sample = {key: value[k] for key, value in self.collated.items()}
+        sample: dict[str, Any] = {key: value[k] for key, value in self.collated.items()}
         sample["index"] = int(sample["index"])
         return sample
 

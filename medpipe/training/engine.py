@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from medpipe import __version__
 from medpipe.evaluation.metrics import classification_metrics, mean_foreground_dice
-from medpipe.store import ATTRS_KEY, SPLIT_CODES
+from medpipe.store import ATTRS_KEY, SPLIT_CODES, attrs_of, get_array, get_group
 from medpipe.task import Task
 from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, MissingLabelsError,
                               StoreNotCompleteError, TrainingError, as_task)
@@ -76,16 +76,16 @@ class TrainResult:
 def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """Validate the store for the task; returns its attrs plus num_outputs."""
     root = open_group(store_url, storage_options)
-    attrs = dict(root.attrs.get(ATTRS_KEY, {}))
+    attrs = attrs_of(root)
     if not attrs:
         raise StoreNotCompleteError(f"{store_url} is not a medpipe store (no '{ATTRS_KEY}' attributes)")
     if not attrs.get("complete"):
         raise StoreNotCompleteError(f"{store_url} is not complete: ingestion was interrupted or is still running; "
                                     "finish it (rerun `medpipe ingest`, it resumes) before training")
-    if "training" not in root or "images" not in root["training"] or "samples" not in root:
+    if "training" not in root or "images" not in get_group(root, "training") or "samples" not in root:
         raise StoreNotCompleteError(f"{store_url} has no training arrays or sample table")
-    split = np.asarray(root["samples/split"][...])
-    labels = np.asarray(root["training/labels"][...])
+    split = np.asarray(get_array(root, "samples/split")[...])
+    labels = np.asarray(get_array(root, "training/labels")[...])
     train = split == SPLIT_CODES["train"]
     if not train.any():
         raise MissingLabelsError(f"{store_url} has no samples in the train split")
@@ -100,10 +100,11 @@ def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str,
                 "Ingest with a labels manifest (labels.csv with a 'label' column)")
         num_outputs = max(len(classes), int(labels.max()) + 1)
     else:
-        if "masks" not in root["training"]:
+        if "masks" not in get_group(root, "training"):
             raise MissingLabelsError(f"segmentation needs masks; {store_url} has no training/masks "
                                      "(ingest with a manifest 'mask' column)")
-        has_mask = (np.asarray(root["samples/has_mask"][...], dtype=bool) if "has_mask" in root["samples"]
+        has_mask = (np.asarray(get_array(root, "samples/has_mask")[...], dtype=bool)
+                    if "has_mask" in get_group(root, "samples")
                     else np.ones(split.shape, dtype=bool))
         if not (has_mask & train).any():
             raise MissingLabelsError(f"segmentation needs masks in the train split; {store_url} has none")
@@ -170,7 +171,9 @@ def _memory_format(ndim: int) -> torch.memory_format:
 
 # -- rng state (plain types so checkpoints load with weights_only=True) ----------------------------------------------
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # legacy=True (numpy's default) gives the MT19937 tuple for the global generator; the stub's union covers
+    # other bit generators, which np.random's global state never uses
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available():
@@ -208,9 +211,9 @@ def _loader(ds: ZarrImageDataset, config: TrainConfig, batch_size: int, shuffle:
 
 def _start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make an epoch's order and augmentations a function of (seed, epoch) only, so a resumed run repeats them."""
-    loader.batch_sampler.set_epoch(epoch)
+    cast(BlockShuffleSampler, loader.batch_sampler).set_epoch(epoch)  # _loader builds these loaders
     loader.generator.manual_seed(seed * 100_003 + epoch)
-    transform = loader.dataset.transform
+    transform = cast(ZarrImageDataset, loader.dataset).transform
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=(seed * 100_003 + epoch) % (2**32))
 
@@ -384,7 +387,7 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     spatial_dims = len(sample_shape) - 1
     batch_size = config.effective_batch_size()
     augment = default_augmentation(config.task, spatial_dims) if config.augment else None
-    common = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
+    common: dict[str, Any] = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
                   storage_options=storage_options)
     validation = VALIDATION_ON_VAL
     if facts["val_empty"] is not None:
@@ -404,7 +407,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     model = build_model(model_name, config.task, spatial_dims, sample_shape[0], num_outputs).to(device)
     fmt = _memory_format(len(sample_shape) + 1) if config.channels_last and device.type == "cuda" else None
     if fmt is not None:
-        model = model.to(memory_format=fmt)
+        # Module.to accepts memory_format at runtime (see its docstring); torch's overload stubs omit it
+        model = model.to(memory_format=fmt)  # type: ignore[call-overload]
     if config.task is Task.classify:
         weight = None
         if config.class_weights:
@@ -415,7 +419,9 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     else:
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * max(1, len(train_loader))
+    epochs = config.effective_epochs()
+    steps = epochs * max(1, len(train_loader))
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     if config.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
     elif config.scheduler == "cosine":
@@ -423,7 +429,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     else:
         scheduler = None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    forward = torch.compile(model) if config.compile else model  # checkpoints keep the uncompiled module's weights
+    # checkpoints keep the uncompiled module's weights; torch.compile of a Module returns a Module (OptimizedModule)
+    forward = cast(nn.Module, torch.compile(model)) if config.compile else model
 
     monitor = config.monitor_name()
     history: list[dict[str, float]] = []
@@ -451,14 +458,14 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
             "classes": classes, "sample_shape": sample_shape, "task": config.task.value,
             "model_name": model_name, "num_outputs": int(num_outputs), "monitor": monitor, "validation": validation}
     try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
+        for epoch in range(start_epoch + 1, epochs + 1):
             if stopped:
                 break
             t0 = time.perf_counter()
             model.train()
             _start_epoch(train_loader, config.seed, epoch)
             total, seen = 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
             for batch in bar:
                 x, y = _to_device(batch, config.task, device, fmt)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -489,7 +496,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
                 save_checkpoint(best_path, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": metrics})
             else:
                 bad_epochs += 1
-                stopped = config.early_stopping_patience > 0 and bad_epochs >= config.early_stopping_patience
+                stopped = (config.early_stopping_patience > 0 and bad_epochs >= config.early_stopping_patience
+                           and epoch >= config.early_stopping_after * epochs)
             save_checkpoint(last_path, {
                 **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -498,13 +506,13 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
                 "early_stopping": {"best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "stopped": stopped},
             })
             _write_metrics_csv(out / "metrics.csv", history)
-            for key, val in metrics.items():
+            for key, scalar in metrics.items():
                 if key != "epoch":
-                    writer.add_scalar(key, val, epoch)
+                    writer.add_scalar(key, scalar, epoch)
             writer.flush()
             if progress:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "lr", "seconds"))
-                tqdm.write(f"epoch {epoch}/{config.epochs}: {shown} ({metrics['seconds']:.1f}s)")
+                tqdm.write(f"epoch {epoch}/{epochs}: {shown} ({metrics['seconds']:.1f}s)")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     finally:

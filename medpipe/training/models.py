@@ -97,5 +97,7 @@ def build_model(name: str, task: Task | str, spatial_dims: int, in_channels: int
     if spatial_dims not in (2, 3):
         raise TrainingError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     model = _REGISTRY[name][0](spatial_dims, in_channels, num_classes)
-    model.medpipe_task = task  # a Task member: lets predict() know what the outputs mean
+    # a Task member: lets predict() know what the outputs mean. torch's stub types Module.__setattr__ values as
+    # Tensor | Module, but a Module takes plain attributes too
+    model.medpipe_task = task  # type: ignore[assignment]
     return model

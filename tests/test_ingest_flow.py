@@ -72,7 +72,8 @@ def test_accounting_and_every_bad_input_kind(local_store, demo_source):
     assert len(quarantine) == counts["quarantined"]
     assert result["assembly"]["uid_collisions"] == 1  # valid_dx_collision.dcm: same UID, other pixels
     assert len(read_json(str(store), "reports/collisions.json")[0]["source_hashes"]) == 2
-    assert result["assembly"]["series_split"] >= 1  # the mixed-size CT series became two volumes
+    assert result["assembly"]["series_split"] == 1  # only the mixed-size CT series is split (into two volumes)
+    assert result["assembly"]["acquisitions"] == {"size": 2}
     assert all(set(q) == {"source_hash", "reason", "detail"} for q in quarantine)
 
 

@@ -79,10 +79,9 @@ def unit_report(records: list[ArchiveRecord]) -> list[dict[str, Any]]:
 
 def assembly_summary(records: list[ArchiveRecord], collisions: list[Collision]) -> dict[str, Any]:
     """How series were assembled and patients identified: the counts `medpipe info` shows."""
-    units_per_series = Counter(r.series for r in records)
     notes = Counter(n.split(":")[0].split(" (")[0] for r in records for n in r.notes)
     return {
-        "series_split": sum(1 for n in units_per_series.values() if n > 1),
+        "series_split": len({r.series for r in records if r.acquisition}),  # series split by assembly rules
         "acquisitions": dict(sorted(Counter(r.acquisition.split("-")[0].rstrip("0123456789")
                                             for r in records if r.acquisition).items())),
         "volumes": sum(1 for r in records if r.is_volume),

@@ -22,6 +22,8 @@ from typing import Any
 
 import pydicom
 
+from medpipe.errors import UserError
+
 KEY_ENV_VAR = "MEDPIPE_DEID_KEY"
 DEMO_KEY = "medpipe-demo-key-NOT-SECRET"
 METHOD = "medpipe PS3.15 Annex E basic profile; HMAC-SHA256 pseudonyms; per-patient date shift"
@@ -35,7 +37,7 @@ MAX_DATE_SHIFT_DAYS = 3650
 DEID_RULES_VERSION = 2
 
 
-class MissingKeyError(RuntimeError):
+class MissingKeyError(UserError, RuntimeError):
     """No de-identification key was configured."""
 
 

@@ -15,10 +15,12 @@ from typing import Callable
 
 import fsspec
 
+from medpipe.errors import UserError
+
 DEFAULT_MANIFEST = "labels.csv"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest file cannot be used at all (missing, no `path` column)."""
 
 

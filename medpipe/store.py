@@ -22,6 +22,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from medpipe.config import StoreConfig
+from medpipe.errors import UserError
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "medpipe"
@@ -29,7 +30,7 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 STRING_COLUMNS = ("patient", "study", "series", "unit", "source_hash", "modality")
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store is missing, incomplete or not a medpipe store."""
 
 

@@ -7,10 +7,12 @@ All errors raised for bad input subclass `TrainingError` (a ValueError) and carr
 
 from __future__ import annotations
 
+from medpipe.errors import UserError
+
 from medpipe.task import Task
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError, ValueError):
     """Base class of every training input error."""
 
 

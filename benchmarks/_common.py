@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MEDPIPE_DEID_KEY", "medpipe-benchmark-key")
+os.environ.setdefault("MEDPIPE_DEID_KEY", "medpipe-benchmark-key-public-not-secret-0123456789abcdef")
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.runtime import dask_task_runner, gather, load_key, shared_api_server
 from medpipe.config import IngestConfig
+from medpipe.deid import DeidKey
+from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
 from medpipe.ingest.pipeline import collect_archive, duplicate_checks, unit_shards
 from medpipe.report import ingest_markdown
 from tasks import ingest as t
@@ -17,13 +19,26 @@ from tasks import ingest as t
 
 @flow(name="ingest", log_prints=False, task_runner=dask_task_runner())  # $MEDPIPE_DASK_SCHEDULER or local
 def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, key_secret: str | None = None,
-                show_progress: bool = False) -> dict[str, Any]:
-    """De-identify and ingest SOURCE into the Zarr STORE; returns the store summary."""
+                show_progress: bool = False, retry_quarantined: bool = False) -> dict[str, Any]:
+    """De-identify and ingest SOURCE into the Zarr STORE (holding the store's lock); returns the store summary."""
     cfg = IngestConfig.model_validate(config or {})
     key = load_key(key_secret)
-    run = t.prepare(source, store, cfg, key)
+    run_id = new_run_id()
+    acquire_lock(store, run_id)  # one writer per store; refused in one line while another run holds it
+    try:
+        return _ingest(source, store, cfg, key, run_id, show_progress, retry_quarantined)
+    finally:
+        release_lock(store, run_id)
+
+
+def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: str, show_progress: bool,
+            retry_quarantined: bool) -> dict[str, Any]:
+    """The pipeline diagram: prepare -> scan -> duplicates -> plan -> archive -> lay out -> assemble -> finalize."""
+    run = t.prepare(source, store, cfg, key, run_id, retry_quarantined)
     if run.up_to_date:
         return {**(run.previous or {}), "noop": True}
+    for problem in run.problems:
+        get_run_logger().warning("the store was marked complete but %s: ingesting again", problem)
 
     scanned = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key)), "scan", show_progress)
     scans = [record for shard in scanned for record in shard]
@@ -34,16 +49,17 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, k
 
     shards = unit_shards(run, plan)
     shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]  # send each task only its own
-    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags),
-                      "archive", show_progress)
+    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags,
+                                          unmapped(run_id)), "archive", show_progress)
     outcome = collect_archive(archived)
 
     layout, fingerprint = t.lay_out_training(run, outcome)
     starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
     parts = [layout.for_range(a, b) for a, b in layout.ranges]
-    gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess)), "assemble", show_progress)
+    failed = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id)),
+                    "assemble", show_progress)
 
-    summary = t.finalize(run, plan, outcome, layout, fingerprint, key)
+    summary = t.finalize(run, plan, outcome, layout, fingerprint, key, [f for part in failed for f in part])
     for warning in summary["warnings"]:
         get_run_logger().warning("%s", warning)
     create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),
@@ -52,12 +68,15 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, k
 
 
 def run_ingest(source: str, store: str, config: IngestConfig, key_secret: str | None = None,
-               show_progress: bool = False) -> dict[str, Any]:
-    """Run the flow on the configured Dask cluster (local by default, `config.scheduler` when set)."""
+               show_progress: bool = False, retry_quarantined: bool = False) -> dict[str, Any]:
+    """Run the flow on the configured Dask cluster (local by default, `config.scheduler` when set).
+
+    `retry_quarantined`: re-examine the quarantined files even when the store is up to date with the source."""
     runner = dask_task_runner(config.scheduler, config.workers)
     with shared_api_server():
         return ingest_flow.with_options(task_runner=runner)(
-            source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress)
+            source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress,
+            retry_quarantined=retry_quarantined)
 
 
 if __name__ == "__main__":

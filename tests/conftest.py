@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-TEST_KEY = "medpipe-test-key-0123456789"
+TEST_KEY = "7d1f0c9a4b2e8f63a5c0d94e1b7f2a6c83e5d0b19f4a7c2e6d8b3f0a5c1e9d47"  # a strong test key (64 hex)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ from medpipe.ingest.units import patient_folder, plan_units, sop_groups
 from medpipe.manifest import parse_manifest
 from medpipe.readers.acquisitions import SliceInfo
 
-KEY = DeidKey(b"plan-test-key-0123456789abcdef")
+KEY = DeidKey(b"plan-test-key-4f8a2c9e1b7d3f6a0c5e8b2d9f1a7c4e")
 PS = Pseudonymizer(KEY)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

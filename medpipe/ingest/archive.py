@@ -19,8 +19,11 @@ from medpipe.config import StoreConfig
 from medpipe.deid import DEID_RULES_VERSION, DeidAudit, DeidKey, Pseudonymizer, deidentify_header
 from medpipe.fingerprint import intensity_sample
 from medpipe.ingest.discover import source_fs
+from medpipe.errors import InfrastructureError
+from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Unit, UnitKind
 from medpipe.readers import UnreadableFile, read_nifti, read_unit
+from medpipe.readers.base import is_infrastructure_error
 from medpipe.store import array_checksum, attrs_of, get_array, open_store, write_archive_image
 
 # Bump when medpipe.readers changes what a file decodes to (series assembly, geometry, rescale): every unit
@@ -73,6 +76,8 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
     except UnreadableFile as exc:
         return ArchiveFailure(unit.id, str(exc.reason), exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder crash quarantines the unit, never the run
+        if is_infrastructure_error(exc):  # storage trouble is retried, never a bad file
+            raise InfrastructureError(f"{type(exc).__name__} while reading a source file") from None
         return ArchiveFailure(unit.id, "decode_error", f"{type(exc).__name__} while decoding")
     pixels = compact_integers(image.pixels)
     audit = DeidAudit()
@@ -144,7 +149,8 @@ def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem,
 
 
 def archive_shard(source_url: str, store_url: str, units: list[Unit], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str]) -> list[ArchiveResult]:
+                  tags: dict[str, str], run_id: str) -> list[ArchiveResult]:
     """Archive every unit of a shard; `tags` maps unit id -> input tag. Returns one record per unit."""
+    check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     return [archive_unit(u, source_url, root, key, config, tags[u.id]) for u in units]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Sequence, TypeVar
 
 import fsspec
@@ -21,6 +22,7 @@ class SourceListing:
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
     stamps: tuple[str, ...]
+    skipped_links: list[dict[str, str]] = field(default_factory=list)  # {"path": relative link path, "reason"}
 
     @property
     def total_bytes(self) -> int:
@@ -47,25 +49,91 @@ def _stamp(info: dict[str, Any]) -> str:
     return ""
 
 
-def discover_files(url: str, exclude: Sequence[str] = ()) -> SourceListing:
-    """Walk SOURCE recursively; hidden files/folders and the `exclude` relative paths (the manifest) are skipped."""
+def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = None) -> SourceListing:
+    """Walk SOURCE recursively; hidden files/folders, the `exclude` relative paths (the manifest) and a `store`
+    inside SOURCE are skipped. On a local disk, symbolic links are followed when they point inside SOURCE (each
+    real file is listed once, under its first path in sorted order) and reported in `skipped_links` otherwise."""
     fs, root = source_fs(url)
     if not fs.exists(root):
         raise FileNotFoundError(f"source not found: {url}")
     if not fs.isdir(root):
         raise NotADirectoryError(f"source must be a folder or bucket prefix: {url}")
-    found = fs.find(root, detail=True)
     excluded = set(exclude)
+    skipped: list[dict[str, str]] = []
+    if _is_local(fs):
+        found = _walk_local(root, skipped)
+    else:
+        found = [(path[len(root):].lstrip("/"), info) for path, info in fs.find(root, detail=True).items()
+                 if info.get("type") != "directory"]
+    store_prefix = _store_prefix(fs, root, store)
     rows = []
-    for path, info in found.items():
-        if info.get("type") == "directory":
-            continue
-        relative = path[len(root):].lstrip("/")
+    for relative, info in found:
         if not relative or relative in excluded or any(part.startswith(".") for part in relative.split("/")):
+            continue
+        if store_prefix is not None and (relative == store_prefix or relative.startswith(store_prefix + "/")):
             continue
         rows.append((relative, int(info.get("size") or 0), _stamp(info)))
     rows.sort()
-    return SourceListing(url, root, tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows))
+    return SourceListing(url, root, tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows),
+                         skipped)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"file", "local"} & set(protocols))
+
+
+def _store_prefix(fs: fsspec.AbstractFileSystem, root: str, store: str | None) -> str | None:
+    """The store's path relative to SOURCE when it lies inside it (its files are never inputs), else None."""
+    if store is None:
+        return None
+    store_fs_, store_root = source_fs(store)
+    if type(store_fs_) is not type(fs):
+        return None
+    if _is_local(fs):
+        root, store_root = os.path.realpath(root), os.path.realpath(store_root)
+    if store_root.startswith(root.rstrip("/") + "/"):
+        return store_root[len(root.rstrip("/")) + 1:]
+    return None
+
+
+def _walk_local(root: str, skipped: list[dict[str, str]]) -> list[tuple[str, dict[str, Any]]]:
+    """Files under a local folder as (relative path, {size, mtime}), following links that stay inside it.
+
+    Hand-written because fsspec's local `find` neither follows symlinked folders nor says it skipped them.
+    Skipped links keep their relative path here, on the driver; the store records only its keyed hash."""
+    real_root = os.path.realpath(root)
+    seen: set[str] = set()
+    out: list[tuple[str, dict[str, Any]]] = []
+    stack: list[tuple[str, str]] = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in reversed(entries):  # reversed: the stack pops folders in sorted order
+            relative = f"{prefix}{entry.name}"
+            if entry.name.startswith("."):
+                continue
+            target = os.path.realpath(entry.path)
+            if entry.is_symlink():
+                inside = target == real_root or target.startswith(real_root + os.sep)
+                if not os.path.exists(target) or not inside:
+                    reason = "broken link" if not os.path.exists(target) else "link points outside SOURCE"
+                    skipped.append({"path": relative, "reason": reason})
+                    continue
+            if os.path.isdir(target):
+                if target not in seen:
+                    seen.add(target)
+                    stack.append((entry.path, relative + "/"))
+                continue
+            if target in seen or not os.path.isfile(target):
+                continue
+            seen.add(target)
+            stat = os.stat(target)
+            out.append((relative, {"size": stat.st_size, "mtime": stat.st_mtime}))
+    return out
 
 
 def make_shards(items: Sequence[T], size: int) -> list[list[T]]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from medpipe.errors import InfrastructureError
 from medpipe.ingest.discover import source_fs
+from medpipe.readers.base import is_infrastructure_error
 from medpipe.readers import read_dicom_file
 from medpipe.store import array_checksum
 
@@ -20,6 +22,8 @@ def pixel_digests(source_url: str, items: Sequence[tuple[int, str]]) -> dict[int
     for index, relative in items:
         try:
             out[index] = array_checksum(read_dicom_file(f"{root}/{relative}", fs).pixels)
-        except Exception:  # noqa: BLE001 - an undecodable copy is settled at archive time (quarantined there)
+        except Exception as exc:  # noqa: BLE001 - an undecodable copy is settled at archive time (quarantined there)
+            if is_infrastructure_error(exc):
+                raise InfrastructureError(f"{type(exc).__name__} while reading a source file") from None
             out[index] = None
     return out

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import numpy as np
 
 from medpipe import __version__
 from medpipe.deid import DeidAudit
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Collision, QuarantineRecord, Unit
 from medpipe.ingest.training import TrainingLayout
-from medpipe.store import ATTRS_KEY, SCHEMA_VERSION, content_hash, get_group, open_store, remove_path, write_json
+from medpipe.store import (ATTRS_KEY, SCHEMA_VERSION, StoreError, attrs_of, content_hash, get_array, get_group,
+                           open_store, read_json, read_sample_table, remove_path, store_attrs, write_json)
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,81 @@ def assembly_summary(records: list[ArchiveRecord], collisions: list[Collision]) 
     }
 
 
+def content_extras(records: list[ArchiveRecord], quarantine_public: list[dict[str, str]],
+                   classes: list[str]) -> list[str]:
+    """What the content hash covers besides the training arrays and the sample table."""
+    extra = [f"{r.id}:{r.checksum}:{json.dumps(r.dicom, sort_keys=True)}:{r.acquisition}:{list(r.notes)}"
+             for r in sorted(records, key=lambda r: r.id)]
+    return extra + [f"q:{q['source_hash']}:{q['reason']}" for q in quarantine_public] + [f"classes:{classes}"]
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None: zarr.json and reports must be strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def exclude_failed_samples(store_url: str, failures: list[dict[str, Any]]) -> None:
+    """Samples whose preprocessing failed: split -1 in the sample table, so no loader ever reads them."""
+    if not failures:
+        return
+    root = open_store(store_url, mode="a")
+    split = get_array(root, "samples/split")
+    values = np.asarray(split[...])
+    for failure in failures:
+        values[int(failure["index"])] = -1
+    split[...] = values
+
+
+def verify_store(store_url: str) -> list[str]:
+    """Why a store marked complete cannot be trusted as it is (empty when consistent): counts, array shapes, the
+    sample table, the quarantine report, the archive, and the content hash recomputed from the data."""
+    try:
+        root = open_store(store_url)
+        attrs = store_attrs(root)
+        problems: list[str] = []
+        counts = attrs.get("counts", {})
+        n = int(attrs.get("samples", -1))
+        if counts.get("discovered") != counts.get("ingested", 0) + counts.get("quarantined", 0):
+            problems.append("its accounting does not add up")
+        if counts.get("discovered") and not counts.get("ingested"):
+            problems.append("every file was quarantined")
+        for name in ("images", "labels"):
+            if "training" not in root or name not in get_group(root, "training") \
+                    or get_array(root, f"training/{name}").shape[0] != n:
+                problems.append(f"training/{name} does not hold {n} samples")
+        table = read_sample_table(root)
+        if any(len(v) != n for v in table.values()):
+            problems.append("the sample table does not match the training arrays")
+        quarantine = read_json(store_url, "reports/quarantine.json")
+        if quarantine is None or len(quarantine) != counts.get("quarantined"):
+            problems.append("reports/quarantine.json does not match the counts")
+        archive = get_group(root, "archive") if "archive" in root else None
+        records = [ArchiveRecord.from_attrs(attrs_of(get_group(archive, k))) for k in sorted(archive.group_keys())
+                   ] if archive is not None else []
+        if len(records) != attrs.get("archive_images"):
+            problems.append("the archive does not hold the images the store lists")
+        if not problems and content_hash(root, content_extras(records, quarantine or [], attrs.get("classes", []))
+                                         ) != attrs.get("content_hash"):
+            problems.append("its content no longer matches its content hash")
+        return problems
+    except (StoreError, KeyError, TypeError, ValueError) as exc:
+        return [f"it cannot be read as a medpipe store ({type(exc).__name__})"]
+
+
 def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: Accounting,
                    collisions: list[Collision], layout: TrainingLayout, manifest_issues: list[dict[str, Any]],
                    fingerprint: dict[str, Any], config: dict[str, Any], classes: list[str], run_fingerprint: str,
-                   key_fingerprint: str) -> dict[str, Any]:
+                   key_check: dict[str, Any], links: list[dict[str, str]],
+                   assemble_failures: list[dict[str, Any]]) -> dict[str, Any]:
     """Write reports and root attributes; drop archive units not in this run; returns the summary."""
+    exclude_failed_samples(store_url, assemble_failures)
+    excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures]
     root = open_store(store_url, mode="a")
     keep = {r.id for r in records}
     if "archive" in root:
@@ -108,17 +182,17 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
     quarantine_public = sorted((q.to_public() for q in accounting.quarantine),
                                key=lambda q: (q["source_hash"], q["reason"]))
     reasons = dict(sorted(Counter(q["reason"] for q in quarantine_public).items()))
-    counts = {**accounting.counts, "training_samples": len(layout.unit_ids), "excluded_from_training": len(layout.excluded)}
+    counts = {**accounting.counts, "training_samples": len(layout.unit_ids) - len(assemble_failures),
+              "excluded_from_training": len(excluded)}
     write_json(store_url, "reports/quarantine.json", quarantine_public)
-    write_json(store_url, "reports/excluded.json", layout.excluded)
+    write_json(store_url, "reports/excluded.json", excluded)
+    write_json(store_url, "reports/links.json", links)
     write_json(store_url, "reports/manifest_issues.json", manifest_issues)
     write_json(store_url, "reports/deid_audit.json", audit.to_dict())
+    fingerprint = finite_json(fingerprint)
     write_json(store_url, "reports/fingerprint.json", fingerprint)
     write_json(store_url, "reports/units.json", unit_report(records))
     write_json(store_url, "reports/collisions.json", [c.to_dict() for c in collisions])
-    extra = [f"{r.id}:{r.checksum}:{json.dumps(r.dicom, sort_keys=True)}:{r.acquisition}:{list(r.notes)}"
-             for r in sorted(records, key=lambda r: r.id)]
-    extra += [f"q:{q['source_hash']}:{q['reason']}" for q in quarantine_public] + [f"classes:{classes}"]
     summary = {
         "schema_version": SCHEMA_VERSION,
         "code_version": __version__,
@@ -136,14 +210,16 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "accounting": accounting_line(counts),
         "quarantine_reasons": reasons,
         "assembly": assembly_summary(records, collisions),
-        "excluded": len(layout.excluded),
+        "excluded": len(excluded),
+        "links_skipped": len(links),
         "manifest_issues": len(manifest_issues),
         "archive_images": len(records),
         "run_fingerprint": run_fingerprint,
-        "key_fingerprint": key_fingerprint,
-        "content_hash": content_hash(root, extra),
+        "key_check": key_check,
+        "content_hash": content_hash(root, content_extras(records, quarantine_public, classes)),
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
     }
+    summary = finite_json(summary)
     root.attrs[ATTRS_KEY] = summary
     return summary

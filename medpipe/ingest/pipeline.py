@@ -13,11 +13,13 @@ from typing import Any
 
 from medpipe import __version__
 from medpipe.config import IngestConfig
-from medpipe.deid import DEID_RULES_VERSION, DeidKey, Pseudonymizer
+from medpipe.deid import DEID_RULES_VERSION, DeidKey, Pseudonymizer, key_check_record, key_matches
+from medpipe.errors import UserError
 from medpipe.fingerprint import compute_fingerprint
 from medpipe.ingest.archive import READER_RULES_VERSION, run_tag, unit_input_tag
 from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
-from medpipe.ingest.finalize import account, finalize_store
+from medpipe.ingest.finalize import account, finalize_store, verify_store
+from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit
 from medpipe.ingest.training import TrainingLayout, layout_training
 from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
@@ -31,7 +33,7 @@ class KeyMismatchError(StoreError):
 
 @dataclass
 class IngestRun:
-    """What the steps of one run share: where from, where to, the listing and the manifest."""
+    """What the steps of one run share: where from, where to, the listing, the manifest and the run's lock id."""
 
     source: str
     store: str
@@ -39,14 +41,26 @@ class IngestRun:
     listing: SourceListing
     manifest: Manifest
     run_fingerprint: str
-    key_fingerprint: str
+    key_identity: str  # keyed digest of the key: enters run tags only, never stored on its own
+    run_id: str
     previous: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)  # why a store marked complete is not up to date
+    retry_quarantined: bool = False
+    manifest_hash: str = ""  # keyed hash of the manifest path given in the config
 
     @property
     def up_to_date(self) -> bool:
-        """The store already holds a completed run of exactly these inputs: nothing to do."""
-        return bool(self.previous and self.previous.get("complete")
-                    and self.previous.get("run_fingerprint") == self.run_fingerprint)
+        """The store holds a completed, verified run of exactly these inputs: nothing to do."""
+        return bool(self.previous and self.previous.get("complete") and not self.retry_quarantined
+                    and self.previous.get("run_fingerprint") == self.run_fingerprint and not self.problems)
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """The config as the store records it: no runtime settings, the manifest path as a keyed hash only."""
+        data = self.config.lineage_dict()
+        if data.get("manifest"):
+            data["manifest"] = "hash:" + self.manifest_hash
+        return data
 
     def scan_shards(self) -> list[list[tuple[int, str]]]:
         return make_shards(list(enumerate(self.listing.paths)), self.config.files_per_shard)
@@ -64,9 +78,13 @@ def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: Deid
     """Fail fast, before any flow starts: missing source, unusable manifest, a store made with another key."""
     fs, root = source_fs(source)
     if not fs.exists(root) or not fs.isdir(root):
-        raise FileNotFoundError(f"source folder not found: {source}")
+        raise SourceNotFoundError(f"source folder not found: {source}")
     load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
     _check_key(store, key)
+
+
+class SourceNotFoundError(UserError, FileNotFoundError):
+    """SOURCE does not exist or is not a folder."""
 
 
 def _check_key(store: str, key: DeidKey) -> dict[str, Any] | None:
@@ -75,15 +93,23 @@ def _check_key(store: str, key: DeidKey) -> dict[str, Any] | None:
         previous = store_attrs(store) or None
     except StoreError:
         previous = None
-    if previous and previous.get("key_fingerprint") not in (None, key.fingerprint):
+    if not previous:
+        return None
+    record = previous.get("key_check")
+    if record is None and previous.get("key_fingerprint") is not None:
+        raise KeyMismatchError(f"{store} was made by an older medpipe without a key check record; ingest into a "
+                               "new store path")
+    if record is not None and not key_matches(key, record):
         raise KeyMismatchError(
             f"{store} was de-identified with another key; pseudonyms would not match. Use a new store path "
-            "or the original key.")
+            "or the original key (a store cannot be re-keyed: re-ingest from the source, docs/deidentification.md)")
     return previous
 
 
-def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) -> IngestRun:
-    """Discover files, load the manifest, check the store's key, and mark a store being (re)built incomplete."""
+def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey, run_id: str,
+                   retry_quarantined: bool = False) -> IngestRun:
+    """Discover files, load the manifest, check the key, verify a completed store; mark a store being rebuilt
+    incomplete (the caller holds the store's lock for `run_id`)."""
     fs, root = source_fs(source)
     pseudonyms = Pseudonymizer(key)
     manifest, manifest_path = load_manifest(fs, root, config.manifest, config.classes, pseudonyms.path)
@@ -91,18 +117,25 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey) 
     for sibling in ("labels.csv", "labels_multiclass.csv"):  # demo manifests beside the images are not images
         if fs.exists(f"{root}/{sibling}"):
             exclude.append(sibling)
-    listing = discover_files(source, exclude=exclude)
+    listing = discover_files(source, exclude=exclude, store=store)
     check_references(manifest, set(listing.paths), pseudonyms.path)
     manifest_digest = hashlib.sha256(fs.cat_file(manifest_path) if manifest_path else b"").hexdigest()
     run_fingerprint = hashlib.sha256(json.dumps(
-        [listing.fingerprint(), manifest_digest, config.lineage_dict(), key.fingerprint, DEID_RULES_VERSION,
+        [listing.fingerprint(), manifest_digest, config.lineage_dict(), key.identity, DEID_RULES_VERSION,
          READER_RULES_VERSION, __version__], sort_keys=True,
     ).encode()).hexdigest()
     previous = _check_key(store, key)
-    run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.fingerprint, previous)
+    run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.identity, run_id, previous,
+                    retry_quarantined=retry_quarantined,
+                    manifest_hash=pseudonyms.path(config.manifest) if config.manifest else "")
+    if previous and previous.get("complete") and previous.get("run_fingerprint") == run_fingerprint:
+        run.problems = verify_store(store)
     if not run.up_to_date:
+        check_lock(store, run_id)
         root_group = open_store(store, mode="a")
-        root_group.attrs[ATTRS_KEY] = {**(previous or {}), "complete": False, "key_fingerprint": key.fingerprint}
+        check = previous.get("key_check") if previous else None
+        root_group.attrs[ATTRS_KEY] = {**(previous or {}), "complete": False,
+                                       "key_check": check or key_check_record(key)}
     return run
 
 
@@ -117,7 +150,7 @@ def plan_ingest(run: IngestRun, scan_records: list[ScanRecord], digests: dict[in
     """Units to archive (with per-unit input tags for skip-on-rerun) and the pre-decode quarantine."""
     plan = plan_units(scan_records, run.listing.paths, run.manifest, Pseudonymizer(key), digests,
                       run.config.patient_folder_depth)
-    tag = run_tag(run.config.store, run.key_fingerprint)
+    tag = run_tag(run.config.store, run.key_identity)
     tags = {u.id: unit_input_tag(u, run.listing.sizes, run.listing.stamps, tag) for u in plan.units}
     return plan, tags
 
@@ -146,19 +179,29 @@ def collect_archive(shard_results: list[list[ArchiveResult]]) -> ArchiveOutcome:
 
 def lay_out_ingest(run: IngestRun, outcome: ArchiveOutcome) -> tuple[TrainingLayout, dict[str, Any]]:
     """Fingerprint the archived images, then create the training arrays and the per-sample table."""
+    check_lock(run.store, run.run_id)
     fingerprint = compute_fingerprint(outcome.records)
     layout = layout_training(run.store, outcome.records, run.manifest.classes, run.config, fingerprint)
     return layout, fingerprint
 
 
 def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layout: TrainingLayout,
-                  fingerprint: dict[str, Any], key: DeidKey) -> dict[str, Any]:
+                  fingerprint: dict[str, Any], key: DeidKey,
+                  assemble_failures: list[dict[str, Any]]) -> dict[str, Any]:
     """Account for every file, write reports and the content hash, mark the store complete."""
+    check_lock(run.store, run.run_id)
     pseudonyms = Pseudonymizer(key)
     accounting = account(len(run.listing.paths), plan.units, outcome.results, plan.quarantine,
                          lambda i: pseudonyms.path(run.listing.paths[i]))
     return finalize_store(
         run.store, records=outcome.records, accounting=accounting, collisions=plan.collisions, layout=layout,
-        manifest_issues=run.manifest.issues, fingerprint=fingerprint, config=run.config.lineage_dict(),
-        classes=run.manifest.classes, run_fingerprint=run.run_fingerprint, key_fingerprint=run.key_fingerprint,
+        manifest_issues=run.manifest.issues, fingerprint=fingerprint, config=run.lineage,
+        classes=run.manifest.classes, run_fingerprint=run.run_fingerprint, key_check=_stored_key_check(run.store),
+        links=[{"link_hash": pseudonyms.path(link["path"]), "reason": link["reason"]}
+               for link in run.listing.skipped_links], assemble_failures=assemble_failures,
     )
+
+
+def _stored_key_check(store: str) -> dict[str, Any]:
+    attrs = store_attrs(store)
+    return dict(attrs.get("key_check") or {})

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from medpipe.deid import DeidKey, Pseudonymizer
+from medpipe.errors import InfrastructureError
 from medpipe.ingest.discover import source_fs
 from medpipe.ingest.records import DicomFacts, FileKind, ScanRecord
 from medpipe.readers import FileProbe, UnreadableFile, probe_file
 from medpipe.readers.acquisitions import SliceInfo
+from medpipe.readers.base import is_infrastructure_error
 
 
 def scan_shard(source_url: str, items: Sequence[tuple[int, str]], key: DeidKey) -> list[ScanRecord]:
@@ -23,6 +25,8 @@ def scan_shard(source_url: str, items: Sequence[tuple[int, str]], key: DeidKey) 
             records.append(ScanRecord(index, reason=str(exc.reason), detail=exc.detail))
             continue
         except Exception as exc:  # noqa: BLE001 - any reader failure quarantines the file, never the run
+            if is_infrastructure_error(exc):  # storage trouble is retried, never a bad file
+                raise InfrastructureError(f"{type(exc).__name__} while probing a source file") from None
             records.append(ScanRecord(index, reason="decode_error", detail=f"{type(exc).__name__} while probing"))
             continue
         facts = dicom_facts(probe, relative, pseudonyms) if probe.kind == "dicom" else None

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import zarr
 
 from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.preprocess import NotTrainable, check_kind, to_training_sample
+from medpipe.readers.base import is_infrastructure_error
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
 from medpipe.store import create_training_arrays, get_array, open_store, read_archive_image, write_sample_table
 
@@ -103,25 +106,47 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     )
 
 
-def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig) -> int:
-    """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards)."""
+def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig,
+                   run_id: str) -> list[dict[str, Any]]:
+    """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards).
+
+    Returns the samples that could not be made (index, unit, reason): the caller excludes them (split -1), so
+    one bad image never stops the run and never trains as a zero-filled sample."""
+    check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
     masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
+    failures: list[dict[str, Any]] = []
     for offset, unit_id in enumerate(layout.unit_ids[start - layout.offset : stop - layout.offset]):
-        pixels, mask, attrs = read_archive_image(root, unit_id)
-        record = ArchiveRecord.from_attrs(attrs)
-        spacing = record.spacing if pixels.ndim == 4 else record.spacing[1:]
-        image, sample_mask = to_training_sample(pixels, spacing, record.modality, config, mask=mask,
-                                                norm=layout.normalization.get(record.modality),
-                                                target_spacing=layout.target_spacing)
+        try:
+            image, sample_mask = _training_sample(root, unit_id, layout, config)
+        except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
+            if is_infrastructure_error(exc):
+                raise
+            failures.append({"index": start + offset, "unit": unit_id,
+                             "reason": f"preprocessing failed ({type(exc).__name__})"
+                             + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
+            continue
         images[offset] = image
         if masks is not None and sample_mask is not None:
             masks[offset] = sample_mask
     get_array(root, "training/images")[start:stop] = images
     if masks is not None:
         get_array(root, "training/masks")[start:stop] = masks
-    return stop - start
+    return failures
+
+
+def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout,
+                     config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    pixels, mask, attrs = read_archive_image(root, unit_id)
+    record = ArchiveRecord.from_attrs(attrs)
+    spacing: tuple[float, ...] = record.spacing
+    if config.kind == "2d" and pixels.ndim == 4 and pixels.shape[1] == 1:  # a single-slice volume is a 2D image
+        pixels, mask, spacing = pixels[:, 0], None if mask is None else mask[:, 0], record.spacing[1:]
+    elif pixels.ndim == 3:
+        spacing = record.spacing[1:]
+    return to_training_sample(pixels, spacing, record.modality, config, mask=mask,
+                              norm=layout.normalization.get(record.modality), target_spacing=layout.target_spacing)
 
 
 __all__ = ["TrainingLayout", "layout_training", "assemble_range"]

@@ -1,0 +1,158 @@
+"""One writer per store: a lock object with a run id and a lease, on local disks and object stores alike.
+
+`STORE/medpipe.lock` holds `{run_id, host, pid, acquired, expires}`. An ingest takes it before it touches the
+store, every step that writes checks that it still holds it (and extends the lease), and the run releases it when
+it is done. A lock is stale, and may be taken over, when its lease has expired, or when it was taken on this host
+by a process that no longer exists (a run killed with SIGKILL can be rerun at once on the same machine).
+
+Written by hand because neither zarr nor fsspec offers a lock that works on S3. Creating the lock is atomic on a
+local disk (`O_CREAT | O_EXCL`); on an object store the lock is written and read back after a short pause, and
+the run that reads its own id back holds it (object stores have no portable compare-and-swap through fsspec; two
+runs starting within that pause of each other are the remaining window, and every writing step re-checks).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import fsspec
+
+from medpipe.errors import UserError
+from medpipe.store import store_fs
+
+LOCK_NAME = "medpipe.lock"
+DEFAULT_LEASE_S = 600.0  # extended by every writing step; a step longer than this would lose the lock
+_SETTLE_S = 0.5  # object stores: pause between writing the lock and reading it back
+
+
+class StoreLockedError(UserError):
+    """Another run holds the store's lock."""
+
+
+class LockLostError(UserError):
+    """This run no longer holds the store's lock (its lease expired and another run took it): stop writing."""
+
+
+@dataclass(frozen=True)
+class StoreLock:
+    """The content of the lock object."""
+
+    run_id: str
+    host: str
+    pid: int
+    acquired: str
+    expires: str
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        return (now or _now()) >= dt.datetime.fromisoformat(self.expires)
+
+    def dead_here(self) -> bool:
+        """Taken on this host by a process that is gone (killed run)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def stale(self) -> bool:
+        return self.expired() or self.dead_here()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _path(store_url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = store_fs(store_url)
+    return fs, f"{root}/{LOCK_NAME}"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"file", "local"} & set(protocols))
+
+
+def read_lock(store_url: str) -> StoreLock | None:
+    """The lock now on the store, or None (absent or unreadable: a half-written lock counts as none)."""
+    fs, path = _path(store_url)
+    try:
+        return StoreLock(**json.loads(fs.cat_file(path)))
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _lock_for(run_id: str, lease_s: float) -> StoreLock:
+    now = _now()
+    return StoreLock(run_id, socket.gethostname(), os.getpid(), now.isoformat(timespec="seconds"),
+                     (now + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"))
+
+
+def _refuse(current: StoreLock) -> StoreLockedError:
+    return StoreLockedError(
+        f"the store is being written by another ingest (run {current.run_id[:8]}, started {current.acquired}); its "
+        f"lock expires at {current.expires} UTC unless renewed. Wait for it, or remove {LOCK_NAME} from the store if "
+        "you are sure no run is writing it")
+
+
+def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> StoreLock:
+    """Take the store's lock for `run_id`; raises StoreLockedError (one line, with the expiry) if another run holds it."""
+    fs, path = _path(store_url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    current = read_lock(store_url)
+    if current is not None and current.run_id != run_id:
+        if not current.stale():
+            raise _refuse(current)
+        fs.rm(path)
+    mine = _lock_for(run_id, lease_s)
+    payload = json.dumps(asdict(mine)).encode()
+    if _is_local(fs):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = read_lock(store_url)
+            if other is not None and other.run_id != run_id:
+                raise _refuse(other) from None
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            return mine
+    fs.pipe_file(path, payload)
+    time.sleep(0 if _is_local(fs) else _SETTLE_S)
+    held = read_lock(store_url)
+    if held is None or held.run_id != run_id:
+        raise _refuse(held or mine)
+    return mine
+
+
+def check_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> None:
+    """Called by every writing step: raise LockLostError unless `run_id` holds the lock; extend its lease."""
+    current = read_lock(store_url)
+    if current is None or current.run_id != run_id:
+        raise LockLostError("this ingest no longer holds the store's lock (another run took it over): stopping "
+                            "before writing")
+    fs, path = _path(store_url)
+    renewed = StoreLock(current.run_id, current.host, current.pid, current.acquired,
+                        (_now() + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"))
+    fs.pipe_file(path, json.dumps(asdict(renewed)).encode())
+
+
+def release_lock(store_url: str, run_id: str) -> None:
+    """Remove the lock if `run_id` holds it."""
+    current = read_lock(store_url)
+    if current is not None and current.run_id == run_id:
+        fs, path = _path(store_url)
+        fs.rm(path)

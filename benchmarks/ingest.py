@@ -22,6 +22,7 @@ from medpipe.config import IngestConfig, PreprocessConfig  # noqa: E402
 from medpipe.deid import resolve_key  # noqa: E402
 from medpipe.demo import DemoSpec, generate_demo_dataset  # noqa: E402
 from medpipe.ingest import archive, duplicates, pipeline, scan, training  # noqa: E402
+from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock  # noqa: E402
 
 
 def bare_decode(source: Path) -> None:
@@ -33,26 +34,36 @@ def bare_decode(source: Path) -> None:
 
 
 def ingest_with(mapper, source: str, store: str, config: IngestConfig) -> dict:
-    """The flow's steps with `mapper(fn, *iterables)` for the parallel parts (serial or bare Dask)."""
+    """The flow's steps with `mapper(fn, *iterables)` for the parallel parts (serial or bare Dask), holding the
+    store's lock as the flow does."""
     key = resolve_key()
-    run = pipeline.prepare_ingest(source, store, config, key)
-    scans = mapper(scan.scan_shard, [source] * len(run.scan_shards()), run.scan_shards(), [key] * len(run.scan_shards()))
-    records = [r for s in scans for r in s]
-    checks = pipeline.duplicate_checks(run, records)
-    digests: dict[int, str | None] = {}
-    for part in mapper(duplicates.pixel_digests, [source] * len(checks), checks):
-        digests.update(part)
-    plan, tags = pipeline.plan_ingest(run, records, digests, key)
-    shards = pipeline.unit_shards(run, plan)
-    n = len(shards)
-    shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]
-    archived = mapper(archive.archive_shard, [source] * n, [store] * n, shards, [key] * n, [config.store] * n, shard_tags)
-    outcome = pipeline.collect_archive(archived)
-    layout, fingerprint = pipeline.lay_out_ingest(run, outcome)
-    m = len(layout.ranges)
-    mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges], [r[0] for r in layout.ranges],
-           [r[1] for r in layout.ranges], [config.preprocess] * m)
-    return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key)
+    run_id = new_run_id()
+    acquire_lock(store, run_id)
+    try:
+        run = pipeline.prepare_ingest(source, store, config, key, run_id)
+        shards_in = run.scan_shards()
+        k, limit = len(shards_in), config.max_image_bytes
+        scans = mapper(scan.scan_shard, [source] * k, shards_in, [key] * k, [limit] * k)
+        records = [r for s in scans for r in s]
+        checks = pipeline.duplicate_checks(run, records)
+        digests: dict[int, str | None] = {}
+        for part in mapper(duplicates.pixel_digests, [source] * len(checks), checks, [limit] * len(checks)):
+            digests.update(part)
+        plan, tags = pipeline.plan_ingest(run, records, digests, key)
+        shards = pipeline.unit_shards(run, plan)
+        n = len(shards)
+        shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]
+        archived = mapper(archive.archive_shard, [source] * n, [store] * n, shards, [key] * n, [config.store] * n,
+                          shard_tags, [run_id] * n, [limit] * n)
+        outcome = pipeline.collect_archive(archived)
+        layout, fingerprint = pipeline.lay_out_ingest(run, outcome)
+        m = len(layout.ranges)
+        failed = mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges],
+                        [r[0] for r in layout.ranges], [r[1] for r in layout.ranges], [config.preprocess] * m,
+                        [run_id] * m)
+        return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, [f for p in failed for f in p])
+    finally:
+        release_lock(store, run_id)
 
 
 def serial(fn, *iterables):

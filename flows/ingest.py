@@ -40,17 +40,19 @@ def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: st
     for problem in run.problems:
         get_run_logger().warning("the store was marked complete but %s: ingesting again", problem)
 
-    scanned = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key)), "scan", show_progress)
+    limit = cfg.max_image_bytes
+    scanned = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key), unmapped(limit)), "scan", show_progress)
     scans = [record for shard in scanned for record in shard]
     digests: dict[int, str | None] = {}
-    for part in gather(t.compare_duplicates.map(source, duplicate_checks(run, scans)), "duplicates", show_progress):
+    checks = duplicate_checks(run, scans)
+    for part in gather(t.compare_duplicates.map(source, checks, unmapped(limit)), "duplicates", show_progress):
         digests.update(part)
     plan, tags = t.plan_units(run, scans, digests, key)
 
     shards = unit_shards(run, plan)
     shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]  # send each task only its own
     archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags,
-                                          unmapped(run_id)), "archive", show_progress)
+                                          unmapped(run_id), unmapped(limit)), "archive", show_progress)
     outcome = collect_archive(archived)
 
     layout, fingerprint = t.lay_out_training(run, outcome)

@@ -11,7 +11,7 @@ from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medpipe.deid import DeidKey, resolve_key
+from medpipe.deid import DeidKey, MissingKeyError, resolve_key
 
 SCHEDULER_ENV = "MEDPIPE_DASK_SCHEDULER"
 
@@ -76,7 +76,10 @@ def load_key(key_secret: str | None = None) -> DeidKey:
     if key_secret:
         from prefect.blocks.system import Secret
 
-        secret = cast(Secret, Secret.load(key_secret))  # called from sync code: the sync variant of load
+        try:
+            secret = cast(Secret, Secret.load(key_secret))  # called from sync code: the sync variant of load
+        except ValueError as exc:  # Prefect: no block of that name
+            raise MissingKeyError(f"no Prefect Secret block named {key_secret!r} ({type(exc).__name__})") from None
         return resolve_key(str(secret.get()))
     return resolve_key()
 

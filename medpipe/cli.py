@@ -1,21 +1,46 @@
 """The `medpipe` command line: demo data, ingest, store info, quarantine lookup (and training/evaluation)."""
 
+# Errors: a `medpipe.errors.UserError` (or a bad config) prints one line, `error: …`, and exits 2. Anything else is a
+# medpipe bug or an infrastructure failure: one line naming the exception type and the file (on the user's own disk,
+# mode 0600) that holds the full traceback, exit 1. Tracebacks are never printed: they can hold paths.
+
 from __future__ import annotations
 
+import functools
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, TypeVar
 
+import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from medpipe.config import IngestConfig, load_config
+from medpipe.errors import InfrastructureError, StepFailed, UserError, write_traceback
+from medpipe.preflight import (
+    check_config_file,
+    check_ingest_paths,
+    check_scheduler_reachable,
+    check_source_folder,
+    check_storage_reachable,
+    check_store_path,
+    scheduler_address,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # On a terminal rich fits tables to its width; piped or captured output (logs, CI) gets a fixed, wide layout.
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+# What a preflight step may raise besides UserError and still be the user's problem (a path that is not there).
+PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError)
+# Exits and aborts of typer and click pass through the guard (typer's own classes are not click's).
+_CLICK_CONTROL = (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def one_line(message: str) -> str:
@@ -23,30 +48,81 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     # typer.echo, not the rich console: rich wraps at the terminal width, and an error must stay one line.
     typer.echo(f"error: {one_line(message)}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _warn(message: str) -> None:
     typer.echo(f"WARNING: {one_line(message)}", err=True)
 
 
-def guarded(action: Callable[[], Any]) -> Any:
-    """Run `action`, turning known user errors into one clear line and exit code 2 (no traceback wall)."""
-    from medpipe.deid import MissingKeyError
-    from medpipe.manifest import ManifestError
-    from medpipe.store import StoreError
+def save_traceback(exc: BaseException) -> Path:
+    """Write the full traceback of `exc` (with its causes) to a new file readable by the user only (0600):
+    under $MEDPIPE_LOG_DIR, else ~/.medpipe/errors, else (not writable) the system temporary folder."""
+    try:
+        return write_traceback(exc)
+    except OSError:
+        return write_traceback(exc, tempfile.gettempdir())
 
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind Prefect's wrappers (FailedRun, CrashedRun, …) and one-member groups."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        elif type(exc).__module__.split(".")[0] == "prefect" and exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
+
+
+def _config_message(exc: ValidationError) -> str:
+    return "invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def report_error(exc: Exception, user_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """Print one line for `exc` and exit: 2 for what the user can fix, 1 (with a saved traceback) for the rest."""
+    original = unwrap(exc)
+    if isinstance(original, ValidationError):
+        _fail(_config_message(original))
+    if isinstance(original, UserError) or (user_errors and isinstance(original, user_errors)):
+        _fail(str(original))
+    if isinstance(original, StepFailed):  # a step's bug: its message names the type and the saved traceback
+        _fail(f"internal error: {original}", code=EXIT_INTERNAL_ERROR)
+    try:
+        where = f"the full traceback is in {save_traceback(exc)}"
+    except OSError as save_error:  # pragma: no cover - neither the log folder nor the temp folder is writable
+        where = f"the traceback could not be saved ({type(save_error).__name__})"
+    if isinstance(original, InfrastructureError):
+        _fail(f"{original}; {where}", code=EXIT_INTERNAL_ERROR)
+    _fail(f"internal error ({type(original).__name__}); {where}", code=EXIT_INTERNAL_ERROR)
+
+
+def guarded(action: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run `action`; any exception becomes one line on stderr and an exit (see `report_error`).
+
+    `user_errors`: further exception types that count as the user's (e.g. PATH_ERRORS around a preflight step)."""
     try:
         return action()
-    except (MissingKeyError, ManifestError, StoreError, FileNotFoundError, NotADirectoryError, ValueError,
-            KeyError) as exc:
-        if isinstance(exc, ValidationError):
-            _fail("invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                        for e in exc.errors()))
-        _fail(str(exc))
+    except _CLICK_CONTROL:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, by kind
+        report_error(exc, user_errors)
+
+
+def guarded_command(command: F) -> F:
+    """Run a whole CLI command under `guarded`: nothing it raises ever prints a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return guarded(lambda: command(*args, **kwargs))
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _ints(text: Optional[str]) -> Optional[list[int]]:
@@ -55,10 +131,12 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
 
 def build_ingest_config(config: Optional[Path], **flags: Any) -> IngestConfig:
     """The YAML config (if any) with CLI flags applied on top."""
+    guarded(lambda: check_config_file(config))
     return guarded(lambda: load_config(config, IngestConfig, **flags))
 
 
 @app.command("demo-data")
+@guarded_command
 def demo_data(
     out: Path = typer.Argument(..., help="folder to write the demo dataset into"),
     seed: int = typer.Option(0, help="random seed (same seed, same bytes)"),
@@ -76,12 +154,24 @@ def demo_data(
 
     spec = DemoSpec(patients=patients, studies_per_patient=studies, xray_per_study=xray, png_per_study=png,
                     ct_series_per_study=ct, image_size=image_size, ct_size=ct_size, ct_slices=ct_slices, seed=seed)
+    guarded(spec.validate, user_errors=(ValueError,))  # out-of-range options
     summary = generate_demo_dataset(out, spec)
     console.print(f"demo dataset: {summary.files} files, {summary.bytes / 1e6:.1f} MB, {summary.patients} patients "
                   f"-> {summary.root}\nlabels manifest: {summary.manifest}")
 
 
+def preflight_ingest(source: str, store: str, scheduler: Optional[str]) -> None:
+    """Everything about SOURCE, STORE and the scheduler that can be checked without the key or any server."""
+    check_ingest_paths(source, store)
+    check_storage_reachable(source)
+    check_storage_reachable(store)
+    address = scheduler_address(scheduler)
+    if address:
+        check_scheduler_reachable(address)
+
+
 @app.command()
+@guarded_command
 def ingest(
     source: str = typer.Argument(..., help="folder or URL (s3://bucket/prefix) of images"),
     store: str = typer.Argument(..., help="Zarr store path or URL (s3://bucket/name.zarr)"),
@@ -98,6 +188,8 @@ def ingest(
     key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
                                              "(default: $MEDPIPE_DEID_KEY)"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    retry_quarantined: bool = typer.Option(False, "--retry-quarantined",
+                                           help="re-examine quarantined files even when the store is up to date"),
 ) -> None:
     """De-identify SOURCE and ingest it into STORE through the Prefect flow on Dask."""
     from medpipe.deid import resolve_key
@@ -107,12 +199,15 @@ def ingest(
         config, **{"manifest": manifest, "classes": classes.split(",") if classes else None,
                    "preprocess.kind": kind, "preprocess.shape": _ints(shape), "preprocess.channels": channels,
                    "workers": workers, "scheduler": scheduler, "files_per_shard": files_per_shard, "store.codec": codec})
-    if not key_secret:  # refuse before starting any server or cluster
+    # Refuse before starting any server or cluster (and so before any retry).
+    guarded(lambda: preflight_ingest(source, store, cfg.scheduler), user_errors=PATH_ERRORS)
+    if not key_secret:  # a key in a Prefect Secret block is read by the flow
         key = guarded(resolve_key)
-        guarded(lambda: check_ingest_inputs(source, store, cfg, key))
+        guarded(lambda: check_ingest_inputs(source, store, cfg, key), user_errors=PATH_ERRORS)
     from flows.ingest import run_ingest
 
-    summary = guarded(lambda: run_ingest(source, store, cfg, key_secret=key_secret, show_progress=progress))
+    summary = guarded(lambda: run_ingest(source, store, cfg, key_secret=key_secret, show_progress=progress,
+                                         retry_quarantined=retry_quarantined))
     if summary.get("noop"):
         console.print("store is up to date with the source: nothing to do")
     console.print(f"store: {store}\n{summary['accounting']}")
@@ -120,11 +215,19 @@ def ingest(
         _warn(warning)
 
 
+def preflight_store(store: str) -> None:
+    """An existing STORE to read: not a regular file, and its storage reachable."""
+    check_store_path(store)
+    check_storage_reachable(store)
+
+
 @app.command()
+@guarded_command
 def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> None:
     """Show a store's counts, splits, classes, fingerprint and content hash."""
     from medpipe.store import store_attrs
 
+    guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
     attrs = guarded(lambda: store_attrs(store))
     if not attrs:
         _fail(f"{store} is not a medpipe store")
@@ -166,6 +269,7 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
 
 
 @app.command()
+@guarded_command
 def quarantine(
     store: str = typer.Argument(..., help="Zarr store path or URL"),
     source: str = typer.Argument(..., help="the SOURCE it was ingested from"),
@@ -173,9 +277,17 @@ def quarantine(
     """List the quarantined files of STORE by their real path (re-hashes SOURCE with the key; prints locally only)."""
     from medpipe.deid import Pseudonymizer, resolve_key
     from medpipe.ingest.discover import discover_files
-    from medpipe.store import read_json
+    from medpipe.store import read_json, store_attrs
 
+    def preflight() -> None:
+        preflight_store(store)
+        check_source_folder(source)
+        check_storage_reachable(source)
+
+    guarded(preflight, user_errors=PATH_ERRORS)
     key = guarded(resolve_key)
+    if not guarded(lambda: store_attrs(store)):
+        _fail(f"{store} is not a medpipe store")
     records = read_json(store, "reports/quarantine.json") or []
     pseudonyms = Pseudonymizer(key)
     by_hash = {pseudonyms.path(p): p for p in guarded(lambda: discover_files(source)).paths}
@@ -187,6 +299,7 @@ def quarantine(
 
 
 @app.command()
+@guarded_command
 def train(
     store: str = typer.Argument(..., help="Zarr store made by `medpipe ingest`"),
     task: str = typer.Option("classify", "--task", help="classify or segment"),
@@ -205,12 +318,14 @@ def train(
     """Train a classifier or a segmentation model on STORE (CUDA when present, else CPU)."""
     from medpipe.training.config import TrainConfig
 
+    guarded(lambda: check_config_file(config))
     cfg = guarded(lambda: load_config(config, TrainConfig, section="train", **{
         "task": task, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
         "compile": compile}))
     run_dir = out or Path("runs") / f"{Path(store.rstrip('/')).stem}-{task}"
     from medpipe.training.engine import check_training_inputs
 
+    guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
     guarded(lambda: check_training_inputs(store, cfg, run_dir, resume=resume, overwrite=overwrite))
     from flows.train import run_train
 
@@ -225,6 +340,7 @@ def train(
 
 
 @app.command()
+@guarded_command
 def evaluate(
     store: str = typer.Argument(..., help="the store the model was trained on"),
     model: Path = typer.Argument(..., help="training run folder (uses best.pt) or a checkpoint file"),
@@ -239,6 +355,7 @@ def evaluate(
     report_dir = out or (model if model.is_dir() else model.parent) / "report"
     from medpipe.evaluation.evaluate import load_checked_model
 
+    guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
     guarded(lambda: load_checked_model(store, model))
     result = guarded(lambda: run_evaluate(store, str(model), str(report_dir), split=split, n_boot=n_boot,
                                           device=device))
@@ -247,6 +364,19 @@ def evaluate(
 
 
 @app.command()
+@guarded_command
+def keygen() -> None:
+    """Print a new random de-identification key (64 hex characters) on stdout."""
+    from medpipe.deid import KEY_ENV_VAR, generate_key
+
+    typer.echo(generate_key())
+    typer.echo(f"store it as {KEY_ENV_VAR} (export {KEY_ENV_VAR}=<key>) or in a Prefect Secret block "
+               "(Secret(value=<key>).save('medpipe-deid-key'), then --key-secret medpipe-deid-key); keep it secret "
+               "and keep it: a store refuses reruns with another key", err=True)
+
+
+@app.command()
+@guarded_command
 def demo(
     out: Path = typer.Option(Path("demo-output"), help="where demo data, stores and reports go"),
     patients: int = typer.Option(12, help="demo patients"),

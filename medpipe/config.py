@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medpipe.identifiers import looks_like_identifier
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -76,6 +78,9 @@ class IngestConfig(_Section):
     classes: list[str] | None = Field(default=None, description="declared class names; default: from the manifest")
     files_per_shard: int = Field(default=256, ge=1, description="files per parallel work unit")
     order_seed: int = Field(default=0, description="seed of the sample order in the training arrays")
+    max_image_bytes: int = Field(
+        default=4 << 30, ge=1 << 20, description="largest decoded image (bytes, from its header) medpipe decodes; "
+        "larger files are quarantined as too_large before decoding (also capped at 1/4 of a Dask worker's memory)")
     patient_folder_depth: int | None = Field(
         default=None, ge=1, description="non-DICOM files without a manifest patient_id: how many leading folders of "
         "the path name the patient (1 for PATIENT/study/file); None = auto (see docs/store.md)")
@@ -92,6 +97,8 @@ class IngestConfig(_Section):
     def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and len(set(value)) != len(value):
             raise ValueError("class names must be unique")
+        if value is not None and any(looks_like_identifier(v) for v in value):
+            raise ValueError("a class name looks like a name, ID or date; class names are stored as written")
         return value
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import fsspec
 
 from medpipe.errors import UserError
+from medpipe.identifiers import looks_like_identifier
 
 DEFAULT_MANIFEST = "labels.csv"
 
@@ -60,7 +61,16 @@ def _clean(value: str | None) -> str | None:
 
 
 def _norm(path: str) -> str:
-    return normpath(path.strip().replace("\\", "/")).lstrip("./") if path.strip() else ""
+    """A manifest path as a normalised relative POSIX path; "" when empty, OUTSIDE when it leaves SOURCE."""
+    if not path.strip():
+        return ""
+    norm = normpath(path.strip().replace("\\", "/"))
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or "://" in norm:
+        return OUTSIDE
+    return norm
+
+
+OUTSIDE = "\x00outside"  # marks a path that leaves SOURCE (path traversal, absolute path): never a file
 
 
 def parse_manifest(text: str, declared_classes: list[str] | None, hash_path: Callable[[str], str]) -> Manifest:
@@ -76,8 +86,20 @@ def parse_manifest(text: str, declared_classes: list[str] | None, hash_path: Cal
         if not path:
             manifest.issues.append({"line": line, "problem": "row without a path"})
             continue
-        mask = _clean(raw.get("mask"))
-        row = ManifestRow(line, path, _clean(raw.get("label")), _norm(mask) if mask else None, _clean(raw.get("patient_id")))
+        if path == OUTSIDE:
+            manifest.issues.append({"line": line, "problem": "path leaves SOURCE (absolute or ..): row ignored"})
+            continue
+        mask = _norm(_clean(raw.get("mask")) or "") or None
+        if mask == OUTSIDE:
+            manifest.issues.append({"line": line, "problem": "mask path leaves SOURCE (absolute or ..): ignored"})
+            mask = None
+        label = _clean(raw.get("label"))
+        if label is not None and looks_like_identifier(label):
+            # Labels are stored as written (store attributes, reports): one that could name a person is refused.
+            manifest.issues.append({"line": line, "problem": "label looks like a name, ID or date: not used",
+                                    "path_hash": hash_path(path)})
+            label = None
+        row = ManifestRow(line, path, label, mask, _clean(raw.get("patient_id")))
         if path in manifest.rows:
             manifest.issues.append({"line": line, "problem": "duplicate row for a path", "path_hash": hash_path(path)})
             continue
@@ -88,7 +110,7 @@ def parse_manifest(text: str, declared_classes: list[str] | None, hash_path: Cal
     for row in manifest.rows.values():
         if row.label and row.label not in manifest.classes:
             manifest.issues.append({"line": row.line, "problem": "label is not a declared class",
-                                    "label": row.label, "path_hash": hash_path(row.path)})
+                                    "path_hash": hash_path(row.path)})
     return manifest
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from medpipe.errors import UserError
 SCHEDULER_ENV = "MEDPIPE_DASK_SCHEDULER"  # as in flows.runtime (not imported here: that imports Prefect)
 LOCAL_PROTOCOLS = ("", "file", "local")
 DEFAULT_SCHEDULER_PORT = 8786
+MAX_HANDSHAKE_BYTES = 1 << 24  # a Dask handshake message is a few hundred bytes
 # One try, short timeouts: an unreachable endpoint must fail in seconds, not after minutes of retries.
 S3_CHECK_CONFIG: dict[str, Any] = {"connect_timeout": 3, "read_timeout": 10,
                                    "retries": {"max_attempts": 1, "mode": "standard"}}
@@ -193,7 +195,9 @@ def scheduler_address(address: str | None) -> str | None:
 def check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
     """A tcp:// or tls:// (or bare host:port) Dask scheduler must accept a TCP connection within `timeout` s.
 
-    Other transports (inproc://, ucx://, …) are not checked.
+    On tcp:// it must also greet like Dask (a scheduler writes its handshake first: an 8-byte frame length), so a
+    port held by something else (a proxy, a web server) fails here too. Other transports (inproc://, ucx://, …)
+    are not checked.
     """
     scheme = _protocol(address)
     if scheme not in ("", "tcp", "tls"):
@@ -206,10 +210,31 @@ def check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
             from exc
     if not host:
         raise SchedulerUnreachableError(f"bad Dask scheduler address {address!r}; use tcp://host:port")
+    where = f"cannot reach Dask scheduler at {host}:{port}"
+    hint = f"check --scheduler / ${SCHEDULER_ENV}"
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if scheme != "tls":  # TLS would need the certificates: the TCP connection is all we check there
+                problem = _dask_greeting_problem(conn, timeout)
+                if problem:
+                    raise SchedulerUnreachableError(f"{where} ({problem}); {hint}")
     except OSError as exc:
         reason = exc.strerror or str(exc) or "timed out"
-        raise SchedulerUnreachableError(f"cannot reach Dask scheduler at {host}:{port} ({type(exc).__name__}: "
-                                        f"{reason}); check --scheduler / ${SCHEDULER_ENV}") from exc
+        raise SchedulerUnreachableError(f"{where} ({type(exc).__name__}: {reason}); {hint}") from exc
+
+
+def _dask_greeting_problem(conn: socket.socket, timeout: float) -> str | None:
+    """None when the peer's first 8 bytes read as a Dask frame header (little-endian length), else what is wrong."""
+    conn.settimeout(timeout)
+    head = b""
+    try:
+        while len(head) < 8:
+            chunk = conn.recv(8 - len(head))
+            if not chunk:
+                return "the connection was closed without a Dask handshake"
+            head += chunk
+    except TimeoutError:
+        return f"connected, but no Dask handshake within {timeout:g} s: is it a Dask scheduler?"
+    if not 0 < struct.unpack("<Q", head)[0] < MAX_HANDSHAKE_BYTES:
+        return "connected, but it does not speak the Dask protocol"
+    return None

@@ -50,14 +50,14 @@ def prepare(source: str, store: str, config: IngestConfig, key: DeidKey, run_id:
 
 @task(name="scan-shard", **IO_TASK)
 @safe("scan-shard")
-def scan_shard(source: str, items: list[tuple[int, str]], key: DeidKey) -> list[ScanRecord]:
-    return scan.scan_shard(source, items, key)
+def scan_shard(source: str, items: list[tuple[int, str]], key: DeidKey, max_image_bytes: int) -> list[ScanRecord]:
+    return scan.scan_shard(source, items, key, max_image_bytes)
 
 
 @task(name="compare-duplicates", **IO_TASK)
 @safe("compare-duplicates")
-def compare_duplicates(source: str, items: list[tuple[int, str]]) -> dict[int, str | None]:
-    return duplicates.pixel_digests(source, items)
+def compare_duplicates(source: str, items: list[tuple[int, str]], max_image_bytes: int) -> dict[int, str | None]:
+    return duplicates.pixel_digests(source, items, max_image_bytes)
 
 
 @task(name="plan-units", **STEP_TASK)
@@ -70,8 +70,8 @@ def plan_units(run: pipeline.IngestRun, scans: list[ScanRecord], digests: dict[i
 @task(name="archive-shard", **IO_TASK)
 @safe("archive-shard")
 def archive_shard(source: str, store: str, units: list[Unit], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str], run_id: str) -> list[ArchiveResult]:
-    return archive.archive_shard(source, store, units, key, config, tags, run_id)
+                  tags: dict[str, str], run_id: str, max_image_bytes: int) -> list[ArchiveResult]:
+    return archive.archive_shard(source, store, units, key, config, tags, run_id, max_image_bytes)
 
 
 @task(name="lay-out-training", **IO_TASK)

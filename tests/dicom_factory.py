@@ -242,3 +242,24 @@ def enhanced_mr(
         items.append(item)
     ds.PerFrameFunctionalGroupsSequence = Seq(items)
     return ds
+
+
+def rle_claiming(rows: int, columns: int, *, bits: int = 16, modality: str = "DX") -> FileDataset:
+    """An RLE Lossless dataset whose header claims ``rows`` x ``columns`` but holds a few bytes of segments.
+
+    The one fragment has a valid RLE header (one segment per byte of a sample) and a single replicate run
+    per segment, so the file is a few hundred bytes while a decoder would allocate rows x columns x bytes.
+    """
+    from pydicom.uid import RLELossless
+
+    ds = make_dataset(None, modality=modality)
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    segments = bits // 8
+    offsets = [64 + 2 * k for k in range(segments)] + [0] * (15 - segments)
+    header = np.array([segments, *offsets], dtype="<u4").tobytes()
+    ds.PixelData = encapsulate([header + b"\x81\x00" * segments])  # each segment: 128 copies of 0
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    return ds

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +11,7 @@ from medpipe.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
+ANOTHER_KEY = "c4e8a1f05b3d97e26a0c4f18b5d3e7a92f6c0b84d1e5a3f7c9b2d6e0a4f8c1b3"  # strong, and not TEST_KEY
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,33 @@ def test_user_errors_are_one_clear_line(store_2d, demo_source, tmp_path, monkeyp
     _fails_cleanly(["evaluate", str(store_2d), str(bad)], "checkpoint")
     _fails_cleanly(["ingest", str(tmp_path / "nowhere"), str(tmp_path / "s.zarr")], "not found")
     _fails_cleanly(["ingest", str(source), str(tmp_path / "s.zarr"), "--shape", "64"], "shape")
-    monkeypatch.setenv("MEDPIPE_DEID_KEY", "another-key-entirely")
+    monkeypatch.setenv("MEDPIPE_DEID_KEY", ANOTHER_KEY)
     _fails_cleanly(["ingest", str(source), str(store_2d)], "another key")
     monkeypatch.delenv("MEDPIPE_DEID_KEY")
     _fails_cleanly(["ingest", str(source), str(tmp_path / "s.zarr")], "MEDPIPE_DEID_KEY")
+
+
+def test_bad_store_paths_fail_before_prefect_starts(demo_source, tmp_path, monkeypatch):
+    """STORE inside SOURCE, or a regular file: one line, exit 2, in seconds, and the flow is never called."""
+    import sys
+    import time
+    import types
+
+    from tests.conftest import TEST_KEY
+
+    source, _, _ = demo_source
+    calls: list[tuple] = []
+    monkeypatch.setitem(sys.modules, "flows.ingest", types.SimpleNamespace(run_ingest=lambda *a, **k: calls.append(a)))
+    monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_KEY)
+    file_store = tmp_path / "store.zarr"
+    file_store.write_text("not a store")
+    for store, expect, extra in ((source / "out.zarr", "would ingest the store's own files on every rerun", []),
+                                 (source / "out.zarr", "inside SOURCE", ["--key-secret", "medpipe-deid-key"]),
+                                 (file_store, "is a file; give a folder path or URL for the Zarr store", [])):
+        start = time.monotonic()
+        _fails_cleanly(["ingest", str(source), str(store), "--no-progress", *extra], expect)
+        assert time.monotonic() - start < 5
+    assert calls == [] and not (source / "out.zarr").exists()
 
 
 def test_deployment_builds(demo_source, tmp_path):

@@ -16,10 +16,11 @@ import numpy as np
 import zarr
 
 from medpipe.config import StoreConfig
-from medpipe.deid import DEID_RULES_VERSION, DeidAudit, DeidKey, Pseudonymizer, deidentify_header
+from medpipe.deid import DEID_RULES_VERSION, DeidAudit, DeidKey, Pseudonymizer, defined_term, deidentify_header
 from medpipe.fingerprint import intensity_sample
 from medpipe.ingest.discover import source_fs
 from medpipe.errors import InfrastructureError
+from medpipe.ingest.limits import image_byte_limit
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Unit, UnitKind
 from medpipe.readers import UnreadableFile, read_nifti, read_unit
@@ -64,7 +65,7 @@ def _spatial(pixels: np.ndarray, spacing: tuple[float, ...]
 
 
 def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, config: StoreConfig,
-                 input_tag: str) -> ArchiveResult:
+                 input_tag: str, max_image_bytes: int | None = None) -> ArchiveResult:
     """Decode + de-identify + write one unit; returns its record, or the reason it could not be decoded."""
     previous = _previous_record(root, unit.id, input_tag)
     if previous is not None:
@@ -72,7 +73,8 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
     fs, base = source_fs(source_url)
     pseudonyms = Pseudonymizer(key)
     try:
-        image = read_unit(str(unit.kind), [f"{base}/{p}" for p in unit.files], fs, frames=unit.frames)
+        image = read_unit(str(unit.kind), [f"{base}/{p}" for p in unit.files], fs, frames=unit.frames,
+                          max_image_bytes=max_image_bytes)
     except UnreadableFile as exc:
         return ArchiveFailure(unit.id, str(exc.reason), exc.detail)
     except Exception as exc:  # noqa: BLE001 - a decoder crash quarantines the unit, never the run
@@ -84,7 +86,8 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
     mask, mask_reason = _load_mask(unit, base, fs, pixels.shape)
     shape, spacing = _spatial(pixels, image.spacing)
-    modality = image.modality if unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file) else unit.modality
+    dicom = unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file)
+    modality = (defined_term("Modality", image.modality) or "OT") if dicom else unit.modality
     record = ArchiveRecord(
         id=unit.id, kind=unit.kind, input_tag=input_tag, patient=unit.patient, patient_source=unit.patient_source,
         study=unit.study, series=unit.series, acquisition=unit.acquisition, modality=modality, label=unit.label,
@@ -149,8 +152,9 @@ def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem,
 
 
 def archive_shard(source_url: str, store_url: str, units: list[Unit], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str], run_id: str) -> list[ArchiveResult]:
+                  tags: dict[str, str], run_id: str, max_image_bytes: int) -> list[ArchiveResult]:
     """Archive every unit of a shard; `tags` maps unit id -> input tag. Returns one record per unit."""
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
-    return [archive_unit(u, source_url, root, key, config, tags[u.id]) for u in units]
+    limit = image_byte_limit(max_image_bytes)
+    return [archive_unit(u, source_url, root, key, config, tags[u.id], limit) for u in units]

@@ -103,16 +103,15 @@ def _walk_local(root: str, skipped: list[dict[str, str]]) -> list[tuple[str, dic
     Hand-written because fsspec's local `find` neither follows symlinked folders nor says it skipped them.
     Skipped links keep their relative path here, on the driver; the store records only its keyed hash."""
     real_root = os.path.realpath(root)
-    seen: set[str] = set()
+    seen: set[str] = {real_root}
     out: list[tuple[str, dict[str, Any]]] = []
-    stack: list[tuple[str, str]] = [(root, "")]
-    while stack:
-        folder, prefix = stack.pop()
+
+    def visit(folder: str, prefix: str) -> None:  # depth first in sorted order: the first path of a file wins
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
-            continue
-        for entry in reversed(entries):  # reversed: the stack pops folders in sorted order
+            return
+        for entry in entries:
             relative = f"{prefix}{entry.name}"
             if entry.name.startswith("."):
                 continue
@@ -123,16 +122,16 @@ def _walk_local(root: str, skipped: list[dict[str, str]]) -> list[tuple[str, dic
                     reason = "broken link" if not os.path.exists(target) else "link points outside SOURCE"
                     skipped.append({"path": relative, "reason": reason})
                     continue
-            if os.path.isdir(target):
-                if target not in seen:
-                    seen.add(target)
-                    stack.append((entry.path, relative + "/"))
-                continue
-            if target in seen or not os.path.isfile(target):
+            if target in seen:
                 continue
             seen.add(target)
-            stat = os.stat(target)
-            out.append((relative, {"size": stat.st_size, "mtime": stat.st_mtime}))
+            if os.path.isdir(target):
+                visit(entry.path, relative + "/")
+            elif os.path.isfile(target):
+                stat = os.stat(target)
+                out.append((relative, {"size": stat.st_size, "mtime": stat.st_mtime}))
+
+    visit(root, "")
     return out
 
 

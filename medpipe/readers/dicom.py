@@ -30,7 +30,15 @@ from .acquisitions import (
     regular_runs,
     tilt_degrees,
 )
-from .base import DecodedImage, QuarantineReason, UnreadableFile
+from .base import (
+    DecodedImage,
+    QuarantineReason,
+    UnreadableFile,
+    check_image_bytes,
+    finite_image,
+    infrastructure_guard,
+    raise_if_infrastructure,
+)
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
@@ -99,6 +107,7 @@ def parse_dicom(fp: BinaryIO, size: int, **dcmread_kwargs: Any) -> pydicom.Datas
     except InvalidDicomError:
         raise UnreadableFile(QuarantineReason.not_dicom, "not a DICOM dataset") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a quarantine reason
+        raise_if_infrastructure(exc)  # ... unless the storage under it failed
         if guard.hit_eof or isinstance(exc, EOFError):
             raise UnreadableFile(QuarantineReason.truncated, f"file ends inside the header ({size} bytes)") from None
         reason = QuarantineReason.decode_error if preamble else QuarantineReason.not_dicom
@@ -309,10 +318,57 @@ def decode_pixels(ds: pydicom.Dataset, frames: Sequence[int] | None = None) -> n
     if not decoder.is_available:
         raise UnreadableFile(QuarantineReason.decode_error, "no decoder plugin installed for transfer syntax")
     total = frame_count(ds)
-    if frames is not None and 2 * len(frames) < total:
+    if frames is not None and decoded_frame_count(total, frames) < total:
         return np.concatenate([_decode(ds, decoder, index=int(f)) for f in frames])
     arr = _decode(ds, decoder, index=None)
     return arr if frames is None else arr[list(frames)]
+
+
+def decoded_frame_count(total: int, frames: Sequence[int] | None) -> int:
+    """How many frames :func:`decode_pixels` decodes: the selection when it is under half the file, else all."""
+    return len(frames) if frames is not None and 2 * len(frames) < total else total
+
+
+def _get_int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def decoded_nbytes(ds: pydicom.Dataset, frames: int) -> tuple[int, int, int] | None:
+    """(Columns, Rows, bytes) that decoding ``frames`` frames of ``ds`` yields, from header facts only.
+
+    Rows x Columns x frames x SamplesPerPixel x bytes per decoded sample: BitsAllocated rounded up to bytes,
+    at least 2 for PALETTE COLOR (3 samples out), at least 4 when the output is rescaled (CT, a modality LUT
+    or a non-identity RescaleSlope/Intercept: float32). None without Rows/Columns (the decoder rejects it).
+    Used by the probe and the readers to enforce ``max_image_bytes`` before anything is decoded.
+    """
+    rows, columns = _get_int(ds, "Rows"), _get_int(ds, "Columns")
+    if not rows or not columns:
+        return None
+    samples = max(1, _get_int(ds, "SamplesPerPixel") or 1)
+    per_sample = max(1, ((_get_int(ds, "BitsAllocated") or 8) + 7) // 8)
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    if photometric == "PALETTE COLOR":
+        samples, per_sample = 3, max(per_sample, 2)
+    elif samples == 1 and _is_rescaled(ds):
+        per_sample = max(per_sample, 4)
+    return columns, rows, rows * columns * max(1, frames) * samples * per_sample
+
+
+def _is_rescaled(ds: pydicom.Dataset) -> bool:
+    if str(ds.get("Modality") or "").strip().upper() == "CT" or ds.get("ModalityLUTSequence"):
+        return True
+    return rescale_params(ds, 0) not in (None, (1.0, 0.0))
+
+
+def check_dataset_size(ds: pydicom.Dataset, frames: int, max_image_bytes: int | None) -> None:
+    """Raise ``too_large`` when decoding ``frames`` frames of ``ds`` would exceed ``max_image_bytes``."""
+    if max_image_bytes is not None and (size := decoded_nbytes(ds, frames)) is not None:
+        columns, rows, nbytes = size
+        check_image_bytes(columns, rows, frames, nbytes, max_image_bytes)
 
 
 def _decode(ds: pydicom.Dataset, decoder: Any, index: int | None) -> np.ndarray:
@@ -330,6 +386,7 @@ def _decode(ds: pydicom.Dataset, decoder: Any, index: int | None) -> np.ndarray:
     except UnreadableFile:
         raise
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many exception types
+        raise_if_infrastructure(exc)
         raise _decode_error(exc) from None
     arr = arr.reshape(frames, int(meta["rows"]), int(meta["columns"]), samples)
     if not arr.dtype.isnative:  # big-endian transfer syntax: hand numpy-native data downstream
@@ -345,8 +402,9 @@ def invert_monochrome1(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     Done on stored values (before rescale) so the dtype and value range are preserved; pydicom has
     no helper for this (its presentation LUT only handles PresentationLUTShape).
     """
-    if arr.dtype.kind == "f":
-        return arr.max() + arr.min() - arr
+    if arr.dtype.kind == "f":  # mirror the finite range; NaN/inf stay non-finite for finite_pixels
+        finite = arr[np.isfinite(arr)]
+        return (finite.max() + finite.min() - arr) if finite.size else arr
     if arr.dtype.kind == "i":
         return ~arr  # -x - 1: mirrors the signed range [-2^(n-1), 2^(n-1) - 1] onto itself
     bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
@@ -388,10 +446,11 @@ def to_modality_values(
         return arr
     out = arr.astype(np.float32)
     if not identity:
-        for i, p in enumerate(params):
-            if p is not None and p != (1.0, 0.0):
-                out[i] *= np.float32(p[0])
-                out[i] += np.float32(p[1])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is handled by finite_pixels
+            for i, p in enumerate(params):
+                if p is not None and p != (1.0, 0.0):
+                    out[i] *= np.float32(p[0])
+                    out[i] += np.float32(p[1])
     return out
 
 
@@ -434,10 +493,18 @@ def _multiframe_geometry(ds: pydicom.Dataset, frames: int, dy: float, dx: float)
     return dz, affine, lps_axcodes(affine)
 
 
+@infrastructure_guard
 def read_dicom_file(
-    path: str, fs: fsspec.AbstractFileSystem, frames: Sequence[int] | None = None
+    path: str,
+    fs: fsspec.AbstractFileSystem,
+    frames: Sequence[int] | None = None,
+    max_image_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode one DICOM file: 2D -> (C, Y, X); several frames -> (C, Z, Y, X).
+
+    ``max_image_bytes``: raise ``too_large`` before decoding when the frames to decode need more
+    (:func:`decoded_nbytes`). Float output (rescaled, Float/DoubleFloatPixelData) is made finite
+    (:func:`medpipe.readers.base.finite_pixels`).
 
     ``frames`` selects frames of a multi-frame file (one acquisition of
     :func:`medpipe.readers.acquisitions.frame_acquisitions`; one frame gives a 2D image). Enhanced multi-frame
@@ -458,6 +525,7 @@ def read_dicom_file(
                                  f"frames form {len(groups)} acquisitions (read each with frames=)")
         frames = list(groups[0].members)
     numbers = frames if frames is not None else list(range(total))
+    check_dataset_size(ds, decoded_frame_count(total, frames), max_image_bytes)
     stored = decode_pixels(ds, frames)  # (frames, Y, X, C)
     values = to_modality_values(stored, ds, modality, numbers)
     del stored
@@ -474,7 +542,7 @@ def read_dicom_file(
             _slice_thickness(ds), None, None)
         image = DecodedImage(pixels, (dz, dy, dx), modality, None, affine, orientation)
     image.header = strip_pixels(ds)
-    return image
+    return finite_image(image)
 
 
 def _frames_geometry(ds: pydicom.Dataset, numbers: Sequence[int], dy: float, dx: float):

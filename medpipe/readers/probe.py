@@ -18,10 +18,10 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from .acquisitions import Acquisition, clean_image_type, frame_acquisitions
-from .base import QuarantineReason, UnreadableFile
-from .dicom import PIXEL_TAGS, get_float, get_floats, parse_dicom
-from .nifti import nifti_header_shape
-from .raster import raster_header_shape
+from .base import QuarantineReason, UnreadableFile, infrastructure_guard, raise_if_infrastructure
+from .dicom import PIXEL_TAGS, check_dataset_size, get_float, get_floats, parse_dicom
+from .nifti import nifti_header_facts
+from .raster import check_raster_size, raster_header_facts
 
 Kind = Literal["dicom", "nifti", "raster"]
 
@@ -37,7 +37,7 @@ _PROBE_TAGS = [
         "PhotometricInterpretation",
         "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "ImageType", "InstanceNumber",
         "EchoNumbers", "EchoTime", "TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
-        "TriggerTime",
+        "TriggerTime", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
     )
 ]
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"}
@@ -92,19 +92,29 @@ def _dicom_like_name(path: str) -> bool:
     return suffix in _DICOM_SUFFIXES or suffix[1:].isdigit()
 
 
-def probe_file(path: str, fs: fsspec.AbstractFileSystem) -> FileProbe:
-    """Classify ``path`` from its header; raise :class:`UnreadableFile` when it cannot be ingested."""
+@infrastructure_guard
+def probe_file(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | None = None) -> FileProbe:
+    """Classify ``path`` from its header; raise :class:`UnreadableFile` when it cannot be ingested.
+
+    ``max_image_bytes``: ``too_large`` when the decoded image (from header facts: DICOM Rows x Columns x
+    NumberOfFrames x SamplesPerPixel x decoded bytes per sample, NIfTI/raster header shape and dtype) would
+    exceed it. Storage/network failures raise :class:`medpipe.errors.InfrastructureError`.
+    """
     kind = kind_from_path(path)
     # Small blocks: a probe needs a few KB, object stores would otherwise fetch 5 MB per file.
     with fs.open(path, "rb", block_size=_PROBE_BLOCK) as f:
         size = f.seek(0, 2) or f.tell()
         f.seek(0)
         if kind == "nifti":
-            return _simple(path, size, kind, nifti_header_shape(f, size))
+            facts = nifti_header_facts(f, size)
+            facts.check_size(max_image_bytes)
+            return _simple(path, size, kind, (facts.rows, facts.columns, facts.frames, facts.channels))
         if kind == "raster":
-            return _simple(path, size, kind, raster_header_shape(f, path))
+            raster = raster_header_facts(f, path)
+            check_raster_size(raster, max_image_bytes)
+            return _simple(path, size, kind, raster[:4])
         try:
-            return _probe_dicom(path, f, size)
+            return _probe_dicom(path, f, size, max_image_bytes)
         except UnreadableFile as exc:
             if exc.reason == QuarantineReason.not_dicom and not _dicom_like_name(path):
                 raise UnreadableFile(QuarantineReason.unsupported_format, "unknown extension and not DICOM") from None
@@ -120,7 +130,8 @@ def _simple(path: str, size: int, kind: Kind, shape: tuple[int, int, int, int]) 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     try:
         value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - malformed values read as absent
+    except Exception as exc:  # noqa: BLE001 - malformed values read as absent
+        raise_if_infrastructure(exc)
         return None
     return str(value).strip() or None if value is not None else None
 
@@ -145,14 +156,15 @@ def _frame_groups(f: BinaryIO, size: int) -> tuple[tuple[Acquisition, ...], pydi
     return (tuple(groups) if len(groups) > 1 else ()), ds
 
 
-def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
+def _probe_dicom(path: str, f: BinaryIO, size: int, max_image_bytes: int | None = None) -> FileProbe:
     ds = parse_dicom(f, size, stop_before_pixels=True, specific_tags=_PROBE_TAGS)
     sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
     rows, columns = _int(ds, "Rows", None), _int(ds, "Columns", None)
     frames, samples = _int(ds, "NumberOfFrames", 1) or 1, _int(ds, "SamplesPerPixel", 1) or 1
     frame_groups: tuple[Acquisition, ...] = ()
+    size_ds = ds
     if frames > 1:  # enhanced multi-frame: per-frame geometry lives in the full header (leaves f at the pixels)
-        frame_groups, _ = _frame_groups(f, size)
+        frame_groups, size_ds = _frame_groups(f, size)
     if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
         has_pixels = _deflated_has_pixels(f, size)  # stream offsets are meaningless once inflated
     else:
@@ -162,6 +174,7 @@ def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
         if is_image:
             raise UnreadableFile(QuarantineReason.no_pixel_data, "image object without PixelData")
         raise UnreadableFile(QuarantineReason.non_image_dicom, "non-image object without PixelData")
+    check_dataset_size(size_ds, frames, max_image_bytes)  # after truncation checks: a cut file is truncated
     position = get_floats(ds, "ImagePositionPatient", 3)
     return FileProbe(
         path=path,
@@ -195,7 +208,8 @@ def _probe_dicom(path: str, f: BinaryIO, size: int) -> FileProbe:
 def _image_type(ds: pydicom.Dataset) -> tuple[str, ...]:
     try:
         value = ds.get("ImageType")
-    except Exception:  # noqa: BLE001 - malformed values read as absent
+    except Exception as exc:  # noqa: BLE001 - malformed values read as absent
+        raise_if_infrastructure(exc)
         return ()
     if value is None:
         return ()
@@ -247,7 +261,8 @@ def _check_pixel_element(f: BinaryIO, size: int, ds: pydicom.Dataset, rows: int 
     if rows and columns and _int(ds, "BitsAllocated", None):
         try:  # pydicom knows the special cases (YBR_FULL_422 subsampling, 1-bit packing)
             expected = int(get_expected_length(ds, "bytes"))
-        except Exception:  # noqa: BLE001 - malformed image attributes: leave it to the decoder
+        except Exception as exc:  # noqa: BLE001 - malformed image attributes: leave it to the decoder
+            raise_if_infrastructure(exc)
             expected = 0
         if length < expected:
             raise UnreadableFile(QuarantineReason.truncated, f"pixel data holds {length} of {expected} bytes")

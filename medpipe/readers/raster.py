@@ -15,7 +15,15 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from .base import DecodedImage, QuarantineReason, UnreadableFile
+from .base import (
+    DecodedImage,
+    QuarantineReason,
+    UnreadableFile,
+    check_image_bytes,
+    finite_image,
+    infrastructure_guard,
+    raise_if_infrastructure,
+)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -91,8 +99,19 @@ def _read_tiff(f: BinaryIO) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def raster_header_shape(f: BinaryIO, path: str) -> tuple[int, int, int, int]:
-    """Header-only look at an open raster file: (rows, columns, frames, channels)."""
+def _pil_band_bytes(mode: str) -> int:
+    if mode in ("I", "F") or mode.startswith(("I;32", "F;")):
+        return 4
+    return 2 if mode.startswith("I;16") else 1
+
+
+def raster_header_facts(f: BinaryIO, path: str) -> tuple[int, int, int, int, int]:
+    """Header-only look at an open raster file: (rows, columns, frames, channels, decoded bytes).
+
+    Decoded bytes is what decoding allocates: TIFF series shape x dtype size (x3 uint16 for palette images),
+    Pillow width x height x bands x bytes per band (palette images become RGB). Pillow's own decompression-bomb
+    refusal (over twice ``Image.MAX_IMAGE_PIXELS``) is reported as ``too_large`` too.
+    """
     try:
         if _is_tiff(path):
             with tifffile.TiffFile(f) as tif:
@@ -100,24 +119,54 @@ def raster_header_shape(f: BinaryIO, path: str) -> tuple[int, int, int, int]:
                 kept, channel, depth = _tiff_plan(series.axes, series.shape)
                 sizes = dict(zip(series.axes, series.shape))
                 photometric = series.keyframe.photometric
-            channels = _tiff_channels(channel, sizes[channel]) if channel else (
-                3 if photometric == tifffile.PHOTOMETRIC.PALETTE else 1
-            )
-            return sizes["Y"], sizes["X"], sizes[depth] if depth else 1, channels
+                voxels = int(np.prod(series.shape, dtype=object))
+                nbytes = voxels * np.dtype(series.dtype).itemsize
+            palette = photometric == tifffile.PHOTOMETRIC.PALETTE
+            channels = _tiff_channels(channel, sizes[channel]) if channel else (3 if palette else 1)
+            if palette and channel is None:
+                nbytes = max(nbytes, voxels * 3 * 2)
+            return sizes["Y"], sizes["X"], sizes[depth] if depth else 1, channels, nbytes
         with Image.open(f) as img:
             columns, rows = img.size
             channels = 1 if img.mode in _GRAY_MODES else 3
-        return rows, columns, 1, channels
+            bands = max(len(img.getbands()), 3 if img.mode in ("P", "PA") else 1)
+            nbytes = rows * columns * bands * _pil_band_bytes(img.mode)
+        return rows, columns, 1, channels, nbytes
     except UnreadableFile:
         raise
+    except Image.DecompressionBombError:
+        raise _bomb() from None
     except Exception as exc:  # noqa: BLE001 - Pillow/tifffile raise many types on garbage
+        raise_if_infrastructure(exc)
         raise _fail(f"cannot parse image header ({type(exc).__name__})") from None
 
 
-def read_raster(path: str, fs: fsspec.AbstractFileSystem) -> DecodedImage:
-    """Decode PNG/JPEG/TIFF: 2D -> (C, Y, X) with spacing (1.0, 1.0); TIFF stacks -> (C, Z, Y, X)."""
+def raster_header_shape(f: BinaryIO, path: str) -> tuple[int, int, int, int]:
+    """Header-only look at an open raster file: (rows, columns, frames, channels)."""
+    return raster_header_facts(f, path)[:4]
+
+
+def check_raster_size(facts: tuple[int, int, int, int, int], max_image_bytes: int | None) -> None:
+    """Raise ``too_large`` when the decoded bytes of :func:`raster_header_facts` exceed ``max_image_bytes``."""
+    rows, columns, frames, _, nbytes = facts
+    check_image_bytes(columns, rows, frames, nbytes, max_image_bytes)
+
+
+def _bomb() -> UnreadableFile:
+    return UnreadableFile(QuarantineReason.too_large, "over Pillow's decompression-bomb pixel limit")
+
+
+@infrastructure_guard
+def read_raster(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | None = None) -> DecodedImage:
+    """Decode PNG/JPEG/TIFF: 2D -> (C, Y, X) with spacing (1.0, 1.0); TIFF stacks -> (C, Z, Y, X).
+
+    ``max_image_bytes``: the header is checked first (``too_large``, :func:`raster_header_facts`). Float
+    pixels (TIFF, Pillow mode F) follow :func:`medpipe.readers.base.finite_pixels`.
+    """
     with fs.open(path, "rb") as f:
         data = f.read()
+    if max_image_bytes is not None:
+        check_raster_size(raster_header_facts(io.BytesIO(data), path), max_image_bytes)
     try:
         if _is_tiff(path):
             pixels = _read_tiff(io.BytesIO(data))
@@ -127,9 +176,12 @@ def read_raster(path: str, fs: fsspec.AbstractFileSystem) -> DecodedImage:
                 pixels = np.ascontiguousarray(np.moveaxis(_pil_to_array(img), -1, 0))
     except UnreadableFile:
         raise
+    except Image.DecompressionBombError:
+        raise _bomb() from None
     except Exception as exc:  # noqa: BLE001 - Pillow/tifffile errors vary (UnidentifiedImageError, OSError...)
+        raise_if_infrastructure(exc)
         raise _fail(f"cannot decode image ({type(exc).__name__})") from None
     if pixels.size == 0:
         raise _fail("empty image")
     spacing = (1.0,) * (pixels.ndim - 1)
-    return DecodedImage(pixels=pixels, spacing=spacing, modality="OT", header=None)
+    return finite_image(DecodedImage(pixels=pixels, spacing=spacing, modality="OT", header=None))

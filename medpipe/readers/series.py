@@ -16,9 +16,10 @@ import fsspec
 import numpy as np
 import pydicom
 
-from .base import DecodedImage, QuarantineReason, UnreadableFile
+from .base import DecodedImage, QuarantineReason, UnreadableFile, check_image_bytes, finite_image, infrastructure_guard
 from .dicom import (
     decode_pixels,
+    decoded_nbytes,
     get_float,
     get_floats,
     load_dataset,
@@ -111,8 +112,23 @@ def _thickness(ds: pydicom.Dataset) -> float | None:
     return None
 
 
-def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> DecodedImage:
+def _check_series_size(datasets: list[pydicom.Dataset], max_image_bytes: int | None) -> None:
+    """``too_large`` when the slices together (sum of :func:`decoded_nbytes`) exceed ``max_image_bytes``."""
+    if max_image_bytes is None:
+        return
+    sizes = [size for ds in datasets if (size := decoded_nbytes(ds, 1)) is not None]
+    if sizes:
+        check_image_bytes(sizes[0][0], sizes[0][1], len(datasets), sum(s[2] for s in sizes), max_image_bytes)
+
+
+@infrastructure_guard
+def read_dicom_series(
+    paths: Sequence[str], fs: fsspec.AbstractFileSystem, max_image_bytes: int | None = None
+) -> DecodedImage:
     """Decode the slices of one acquisition (any order) to (C, Z, Y, X); CT as float32 HU, others native dtype.
+
+    ``max_image_bytes`` caps the decoded volume (sum over slices) before any slice is decoded (``too_large``);
+    non-finite float values follow :func:`medpipe.readers.base.finite_pixels`.
 
     Raises ``mixed_series_sizes`` when Rows/Columns differ, and ``decode_error`` when slices have different
     orientations, share a position, or are not regularly spaced: the reader never averages spacing, the caller
@@ -122,6 +138,7 @@ def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> De
         raise UnreadableFile(QuarantineReason.decode_error, "empty series")
     datasets = _load_all(paths, fs)
     _check_sizes(datasets)
+    _check_series_size(datasets, max_image_bytes)
     dy, dx = pixel_spacing(datasets[0])
     order, dz, affine, orientation, notes = _geometry(datasets, dy, dx)
     modality = str(datasets[order[0]].get("Modality") or "OT").upper()
@@ -143,4 +160,4 @@ def read_dicom_series(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> De
             strip_pixels(ds)
     assert volume is not None
     header = strip_pixels(datasets[order[0]])
-    return DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation, notes)
+    return finite_image(DecodedImage(volume, (dz, dy, dx), modality, header, affine, orientation, notes))

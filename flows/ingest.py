@@ -23,6 +23,7 @@ def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, k
     """De-identify and ingest SOURCE into the Zarr STORE (holding the store's lock); returns the store summary."""
     cfg = IngestConfig.model_validate(config or {})
     key = load_key(key_secret)
+    t.worker_access.submit(source, store).result()  # on a Dask worker, before the store is touched
     run_id = new_run_id()
     acquire_lock(store, run_id)  # one writer per store; refused in one line while another run holds it
     try:

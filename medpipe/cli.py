@@ -162,9 +162,12 @@ def demo_data(
 
 def preflight_ingest(source: str, store: str, scheduler: Optional[str]) -> None:
     """Everything about SOURCE, STORE and the scheduler that can be checked without the key or any server."""
+    from medpipe.ingest.lock import check_unlocked
+
     check_ingest_paths(source, store)
     check_storage_reachable(source)
     check_storage_reachable(store)
+    check_unlocked(store)  # one writer per store: refuse now, in one line, not after Prefect and Dask start
     address = scheduler_address(scheduler)
     if address:
         check_scheduler_reachable(address)

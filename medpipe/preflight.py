@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import fsspec
+
 from medpipe.errors import UserError
 
 SCHEDULER_ENV = "MEDPIPE_DASK_SCHEDULER"  # as in flows.runtime (not imported here: that imports Prefect)
@@ -238,3 +240,14 @@ def _dask_greeting_problem(conn: socket.socket, timeout: float) -> str | None:
     if not 0 < struct.unpack("<Q", head)[0] < MAX_HANDSHAKE_BYTES:
         return "connected, but it does not speak the Dask protocol"
     return None
+
+
+def check_worker_access(source: str, store: str) -> None:
+    """Run on a Dask worker before the store is touched: SOURCE and STORE must be reachable from there as well
+    (a remote worker needs the same mounted paths, or an object store URL with its own endpoint and credentials)."""
+    check_storage_reachable(source)
+    check_storage_reachable(store)
+    fs, root = fsspec.core.url_to_fs(source)
+    if not fs.exists(root):
+        raise SourceNotFoundError(f"SOURCE ({_protocol(source)}) is not visible from the Dask worker "
+                                  f"{socket.gethostname()}: workers need the same paths, or an object store URL")

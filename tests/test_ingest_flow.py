@@ -247,3 +247,40 @@ def test_mask_defects_are_counted_once_and_never_fail_the_run(prefect_api, tmp_p
     assert {i["problem"] for i in issues} == {"file or folder not found", "mask file not found"}
     table = read_sample_table(str(tmp_path / "masks.zarr"))
     assert int(table["has_mask"].sum()) == 3  # ok, a, b
+
+
+def test_a_second_writer_is_refused_in_one_line(local_store, tmp_path, deid_key):
+    import datetime as dt
+    import json as _json
+
+    from medpipe.ingest.lock import LOCK_NAME, StoreLockedError
+
+    source, store, _ = local_store
+    target = tmp_path / "locked.zarr"
+    target.mkdir()
+    expires = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=9)).isoformat(timespec="seconds")
+    other = {"run_id": "0" * 32, "host": "another-host", "pid": 1, "acquired": "2026-11-29T08:00:00+00:00",
+             "expires": expires}
+    (target / LOCK_NAME).write_text(_json.dumps(other))
+    with pytest.raises(StoreLockedError) as refused:
+        _run(source, target)
+    message = str(refused.value)
+    assert "\n" not in message and expires in message and "another ingest" in message
+    assert not (target / "zarr.json").exists()  # refused before touching the store
+    other["expires"] = "2026-11-29T08:10:00+00:00"  # an expired lease is taken over
+    (target / LOCK_NAME).write_text(_json.dumps(other))
+    assert _run(source, target)["complete"] and not (target / LOCK_NAME).exists()
+
+
+def test_up_to_date_means_verified(local_store, tmp_path, deid_key):
+    import shutil
+
+    source, store, result = local_store
+    copy = tmp_path / "tampered.zarr"
+    shutil.copytree(store, copy)
+    images = zarr.open_group(str(copy), mode="r+")["training/images"]
+    first = images[0]
+    images[0] = first + 1.0  # silently changed data in a store marked complete
+    again = _run(source, copy)
+    assert not again.get("noop") and again["content_hash"] == result["content_hash"]
+    assert _run(source, copy).get("noop") is True

@@ -108,6 +108,13 @@ def _refuse(current: StoreLock) -> StoreLockedError:
         "you are sure no run is writing it")
 
 
+def check_unlocked(store_url: str) -> None:
+    """Raise StoreLockedError (one line, naming when the lock expires) if another run holds the store's lock."""
+    current = read_lock(store_url)
+    if current is not None and not current.stale():
+        raise _refuse(current)
+
+
 def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> StoreLock:
     """Take the store's lock for `run_id`; raises StoreLockedError (one line, with the expiry) if another run holds it."""
     fs, path = _path(store_url)

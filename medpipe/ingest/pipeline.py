@@ -14,7 +14,7 @@ from typing import Any
 from medpipe import __version__
 from medpipe.config import IngestConfig
 from medpipe.deid import DEID_RULES_VERSION, DeidKey, Pseudonymizer, key_check_record, key_matches
-from medpipe.errors import UserError
+from medpipe.preflight import SourceNotFoundError
 from medpipe.fingerprint import compute_fingerprint
 from medpipe.ingest.archive import READER_RULES_VERSION, run_tag, unit_input_tag
 from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
@@ -81,10 +81,6 @@ def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: Deid
         raise SourceNotFoundError(f"source folder not found: {source}")
     load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
     _check_key(store, key)
-
-
-class SourceNotFoundError(UserError, FileNotFoundError):
-    """SOURCE does not exist or is not a folder."""
 
 
 def _check_key(store: str, key: DeidKey) -> dict[str, Any] | None:

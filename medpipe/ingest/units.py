@@ -157,7 +157,14 @@ def plan_units(records: list[ScanRecord], paths: tuple[str, ...], manifest: Mani
     collision_notes = {i: ("SOPInstanceUID collision: another file has this UID with other pixels",)
                        for c in collided.values() if len(c) > 1 for i in c}
 
-    candidates = [c for _, recs in sorted(by_series.items()) for c in _series_candidates(recs)] + singles
+    candidates: list[_Candidate] = []
+    for _, recs in sorted(by_series.items()):
+        try:
+            candidates.extend(_series_candidates(recs))
+        except Exception as exc:  # noqa: BLE001 - one series that cannot be assembled never stops the plan
+            for rec in recs:
+                quarantine(rec.index, "decode_error", f"series assembly failed ({type(exc).__name__})")
+    candidates += singles
     rows = {id(c): _row_for(manifest, [paths[r.index] for r in c.records]) for c in candidates}
     volumes_of_row: dict[int, int] = defaultdict(int)
     for c in candidates:

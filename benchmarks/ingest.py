@@ -58,10 +58,10 @@ def ingest_with(mapper, source: str, store: str, config: IngestConfig) -> dict:
         outcome = pipeline.collect_archive(archived)
         layout, fingerprint = pipeline.lay_out_ingest(run, outcome)
         m = len(layout.ranges)
-        failed = mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges],
+        assembled = mapper(training.assemble_range, [store] * m, [layout.for_range(a, b) for a, b in layout.ranges],
                         [r[0] for r in layout.ranges], [r[1] for r in layout.ranges], [config.preprocess] * m,
                         [run_id] * m)
-        return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, [f for p in failed for f in p])
+        return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, assembled)
     finally:
         release_lock(store, run_id)
 

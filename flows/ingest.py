@@ -59,10 +59,10 @@ def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: st
     layout, fingerprint = t.lay_out_training(run, outcome)
     starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
     parts = [layout.for_range(a, b) for a, b in layout.ranges]
-    failed = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id)),
-                    "assemble", show_progress)
+    assembled = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id)),
+                       "assemble", show_progress)
 
-    summary = t.finalize(run, plan, outcome, layout, fingerprint, key, [f for part in failed for f in part])
+    summary = t.finalize(run, plan, outcome, layout, fingerprint, key, assembled)
     for warning in summary["warnings"]:
         get_run_logger().warning("%s", warning)
     create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),

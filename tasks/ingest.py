@@ -91,7 +91,7 @@ def lay_out_training(run: pipeline.IngestRun, outcome: pipeline.ArchiveOutcome
 @task(name="assemble-shard", **IO_TASK)
 @safe("assemble-shard")
 def assemble_shard(store: str, layout: training.TrainingLayout, start: int, stop: int, config: PreprocessConfig,
-                   run_id: str) -> list[dict[str, Any]]:
+                   run_id: str) -> training.AssembleResult:
     return training.assemble_range(store, layout, start, stop, config, run_id)
 
 
@@ -99,5 +99,5 @@ def assemble_shard(store: str, layout: training.TrainingLayout, start: int, stop
 @safe("finalize")
 def finalize(run: pipeline.IngestRun, plan: UnitPlan, outcome: pipeline.ArchiveOutcome,
              layout: training.TrainingLayout, fingerprint: dict[str, Any], key: DeidKey,
-             assemble_failures: list[dict[str, Any]]) -> dict[str, Any]:
-    return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, assemble_failures)
+             assembled: list[training.AssembleResult]) -> dict[str, Any]:
+    return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, assembled)

@@ -163,3 +163,18 @@ def test_account_of_empty_inputs(n):
     acc = account(n, [], [], [], lambda i: f"h{i}")
     assert acc.counts["discovered"] == n == acc.counts["quarantined"]
     assert np.all([q.reason == "not_ingested" for q in acc.quarantine])
+
+
+def test_mask_check_measures_foreground_and_flags_losses():
+    from medpipe.ingest.training import foreground_amounts, mask_check
+
+    mask = np.zeros((1, 4, 10, 10), dtype=np.uint8)
+    mask[0, 1:3, 2:6, 2:6] = 1  # 32 voxels of label 1
+    mask[0, 0, 0, 0] = 2  # 1 voxel of label 2
+    amounts = foreground_amounts(mask, (2.0, 0.5, 0.5))  # 0.5 mm³ per voxel
+    assert amounts == {"1": 0.016, "2": 0.0005}
+    assert foreground_amounts(mask[:, 1], (0.5, 0.5)) == {"1": 4.0}  # 2D: mm²
+    kept = mask_check("u", {"1": 10.0}, {"1": 9.7}, "ml")
+    assert not kept["flagged"] and kept["lost_fraction"] == {"1": 0.03}
+    cropped = mask_check("u", {"1": 10.0, "2": 1.0}, {"1": 10.0}, "ml")  # label 2 cut away by a crop
+    assert cropped["flagged"] and cropped["lost_fraction"]["2"] == 1.0

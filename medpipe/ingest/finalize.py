@@ -167,7 +167,7 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
                    collisions: list[Collision], layout: TrainingLayout, manifest_issues: list[dict[str, Any]],
                    fingerprint: dict[str, Any], config: dict[str, Any], classes: list[str], run_fingerprint: str,
                    key_check: dict[str, Any], links: list[dict[str, str]],
-                   assemble_failures: list[dict[str, Any]]) -> dict[str, Any]:
+                   assemble_failures: list[dict[str, Any]], mask_checks: list[dict[str, Any]]) -> dict[str, Any]:
     """Write reports and root attributes; drop archive units not in this run; returns the summary."""
     exclude_failed_samples(store_url, assemble_failures)
     excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures]
@@ -187,6 +187,7 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
     write_json(store_url, "reports/quarantine.json", quarantine_public)
     write_json(store_url, "reports/excluded.json", excluded)
     write_json(store_url, "reports/links.json", links)
+    write_json(store_url, "reports/mask_check.json", mask_checks)
     write_json(store_url, "reports/manifest_issues.json", manifest_issues)
     write_json(store_url, "reports/deid_audit.json", audit.to_dict())
     fingerprint = finite_json(fingerprint)
@@ -212,6 +213,8 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "assembly": assembly_summary(records, collisions),
         "excluded": len(excluded),
         "links_skipped": len(links),
+        "masks_checked": len(mask_checks),
+        "masks_flagged": sum(1 for c in mask_checks if c["flagged"]),
         "manifest_issues": len(manifest_issues),
         "archive_images": len(records),
         "run_fingerprint": run_fingerprint,

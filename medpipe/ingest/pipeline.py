@@ -21,7 +21,7 @@ from medpipe.ingest.discover import SourceListing, discover_files, make_shards, 
 from medpipe.ingest.finalize import account, finalize_store, verify_store
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit
-from medpipe.ingest.training import TrainingLayout, layout_training
+from medpipe.ingest.training import AssembleResult, TrainingLayout, layout_training
 from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
 from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
@@ -182,8 +182,7 @@ def lay_out_ingest(run: IngestRun, outcome: ArchiveOutcome) -> tuple[TrainingLay
 
 
 def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layout: TrainingLayout,
-                  fingerprint: dict[str, Any], key: DeidKey,
-                  assemble_failures: list[dict[str, Any]]) -> dict[str, Any]:
+                  fingerprint: dict[str, Any], key: DeidKey, assembled: list[AssembleResult]) -> dict[str, Any]:
     """Account for every file, write reports and the content hash, mark the store complete."""
     check_lock(run.store, run.run_id)
     pseudonyms = Pseudonymizer(key)
@@ -194,7 +193,9 @@ def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layou
         manifest_issues=run.manifest.issues, fingerprint=fingerprint, config=run.lineage,
         classes=run.manifest.classes, run_fingerprint=run.run_fingerprint, key_check=_stored_key_check(run.store),
         links=[{"link_hash": pseudonyms.path(link["path"]), "reason": link["reason"]}
-               for link in run.listing.skipped_links], assemble_failures=assemble_failures,
+               for link in run.listing.skipped_links],
+        assemble_failures=[f for part in assembled for f in part.failures],
+        mask_checks=sorted((c for part in assembled for c in part.mask_checks), key=lambda c: c["unit"]),
     )
 
 

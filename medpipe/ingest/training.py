@@ -4,6 +4,7 @@ then fill the fixed-shape arrays shard by shard (each writing task owns whole sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -106,38 +107,67 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     )
 
 
+MASK_LOSS_TOLERANCE = 0.05  # a stored mask with more than 5 % less foreground than its source mask is flagged
+
+
+@dataclass(frozen=True)
+class AssembleResult:
+    """What assembling a range produced besides the arrays: samples that failed, and the per-case mask check."""
+
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {"index", "unit", "reason"}: excluded samples
+    mask_checks: list[dict[str, Any]] = field(default_factory=list)  # see `mask_check`
+
+
+def foreground_amounts(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    """Foreground per label of a label map (1, *spatial) with voxel `spacing` (mm per spatial axis): ml for 3D,
+    mm² for 2D."""
+    per_voxel = float(np.prod(spacing)) / (1000.0 if len(spacing) == 3 else 1.0)
+    labels, counts = np.unique(mask[mask > 0], return_counts=True)
+    return {str(int(k)): round(float(n) * per_voxel, 4) for k, n in zip(labels, counts)}
+
+
+def mask_check(unit: str, source: dict[str, float], stored: dict[str, float], unit_name: str) -> dict[str, Any]:
+    """One case of reports/mask_check.json: foreground of the source and the stored mask per label, and whether
+    the stored one lost more than MASK_LOSS_TOLERANCE of any label."""
+    lost = {k: round(1.0 - stored.get(k, 0.0) / v, 4) for k, v in source.items() if v > 0}
+    return {"unit": unit, "unit_of_measure": unit_name, "source": source, "stored": stored, "lost_fraction": lost,
+            "flagged": any(f > MASK_LOSS_TOLERANCE for f in lost.values())}
+
+
 def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig,
-                   run_id: str) -> list[dict[str, Any]]:
+                   run_id: str) -> AssembleResult:
     """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards).
 
-    Returns the samples that could not be made (index, unit, reason): the caller excludes them (split -1), so
-    one bad image never stops the run and never trains as a zero-filled sample."""
+    Samples that cannot be made are returned as failures: the caller excludes them (split -1), so one bad image
+    never stops the run and never trains as a zero-filled sample. Each sample with a mask gets a mask check."""
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
     masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
-    failures: list[dict[str, Any]] = []
+    result = AssembleResult()
     for offset, unit_id in enumerate(layout.unit_ids[start - layout.offset : stop - layout.offset]):
         try:
-            image, sample_mask = _training_sample(root, unit_id, layout, config)
+            image, sample_mask, check = _training_sample(root, unit_id, layout, config)
         except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
             if is_infrastructure_error(exc):
                 raise
-            failures.append({"index": start + offset, "unit": unit_id,
-                             "reason": f"preprocessing failed ({type(exc).__name__})"
-                             + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
+            result.failures.append({"index": start + offset, "unit": unit_id,
+                                    "reason": f"preprocessing failed ({type(exc).__name__})"
+                                    + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
             continue
         images[offset] = image
         if masks is not None and sample_mask is not None:
             masks[offset] = sample_mask
+        if check is not None:
+            result.mask_checks.append(check)
     get_array(root, "training/images")[start:stop] = images
     if masks is not None:
         get_array(root, "training/masks")[start:stop] = masks
-    return failures
+    return result
 
 
-def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout,
-                     config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
+def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout, config: PreprocessConfig
+                     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]:
     pixels, mask, attrs = read_archive_image(root, unit_id)
     record = ArchiveRecord.from_attrs(attrs)
     spacing: tuple[float, ...] = record.spacing
@@ -145,8 +175,26 @@ def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout,
         pixels, mask, spacing = pixels[:, 0], None if mask is None else mask[:, 0], record.spacing[1:]
     elif pixels.ndim == 3:
         spacing = record.spacing[1:]
-    return to_training_sample(pixels, spacing, record.modality, config, mask=mask,
-                              norm=layout.normalization.get(record.modality), target_spacing=layout.target_spacing)
+    image, sample_mask = to_training_sample(pixels, spacing, record.modality, config, mask=mask,
+                                            norm=layout.normalization.get(record.modality),
+                                            target_spacing=layout.target_spacing)
+    check = None
+    if mask is not None and sample_mask is not None:
+        stored_spacing = _sample_spacing(pixels.shape[1:], spacing, config, layout.target_spacing)
+        check = mask_check(unit_id, foreground_amounts(mask, spacing), foreground_amounts(sample_mask, stored_spacing),
+                           "ml" if len(spacing) == 3 else "mm2")
+    return image, sample_mask, check
 
 
-__all__ = ["TrainingLayout", "layout_training", "assemble_range"]
+def _sample_spacing(native_shape: tuple[int, ...], spacing: tuple[float, ...], config: PreprocessConfig,
+                    target: tuple[float, float, float] | None) -> tuple[float, ...]:
+    """Voxel spacing of a training sample: the target spacing in 3D (crop/pad keeps it); in 2D the native spacing
+    scaled by the resize factor (crop_or_pad keeps it)."""
+    if len(spacing) == 3:
+        return target if target is not None else spacing
+    if config.fit == "resize":
+        return tuple(s * n / m for s, n, m in zip(spacing, native_shape, config.shape))
+    return spacing
+
+
+__all__ = ["AssembleResult", "TrainingLayout", "assemble_range", "foreground_amounts", "layout_training", "mask_check"]

@@ -256,10 +256,10 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
         for note, n in assembly["notes"].items():
             table.add_row(f"noted: {note}", str(n))
         table.add_row("SOPInstanceUID collisions", str(assembly["uid_collisions"]))
+        table.add_row("patient identity from", ", ".join(f"{k} {v}" for k, v in assembly["patient_sources"].items()))
     if attrs.get("masks_checked"):
         table.add_row("masks that lost > 5 % foreground", f"{attrs['masks_flagged']} of {attrs['masks_checked']} "
                       "(reports/mask_check.json)")
-        table.add_row("patient identity from", ", ".join(f"{k} {v}" for k, v in assembly["patient_sources"].items()))
     for reason, n in sorted(attrs.get("quarantine_reasons", {}).items()):
         table.add_row(f"quarantined: {reason}", str(n))
     table.add_row("content hash", attrs["content_hash"])

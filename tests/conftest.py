@@ -35,6 +35,18 @@ def prefect_api(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module")
+def deid_key_module():
+    """The test key in $MEDPIPE_DEID_KEY for a whole module (module-scoped stores need it), restored after."""
+    old = os.environ.get("MEDPIPE_DEID_KEY")
+    os.environ["MEDPIPE_DEID_KEY"] = TEST_KEY
+    yield TEST_KEY
+    if old is None:
+        os.environ.pop("MEDPIPE_DEID_KEY", None)
+    else:
+        os.environ["MEDPIPE_DEID_KEY"] = old
+
+
 @pytest.fixture()
 def deid_key(monkeypatch):
     monkeypatch.setenv("MEDPIPE_DEID_KEY", TEST_KEY)

@@ -26,19 +26,6 @@ KINDS = {"3d": (8, 16, 16), "2d": (16, 16)}
 
 
 @pytest.fixture(scope="module")
-def deid_key_module():
-    from tests.conftest import TEST_KEY
-
-    old = os.environ.get("MEDPIPE_DEID_KEY")
-    os.environ["MEDPIPE_DEID_KEY"] = TEST_KEY
-    yield TEST_KEY
-    if old is None:
-        os.environ.pop("MEDPIPE_DEID_KEY", None)
-    else:
-        os.environ["MEDPIPE_DEID_KEY"] = old
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> BadCorpus:
     return write_bad_inputs(tmp_path_factory.mktemp("bad-inputs") / "source")
 

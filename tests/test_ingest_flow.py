@@ -3,7 +3,6 @@ no-op, kill-and-rerun, every bad-input kind, and a PHI scan of store, logs and a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -42,19 +41,6 @@ def local_store(prefect_api, demo_source, tmp_path_factory, deid_key_module):
     store = tmp_path_factory.mktemp("stores") / "local.zarr"
     result = _run(source, store)
     return source, store, result
-
-
-@pytest.fixture(scope="module")
-def deid_key_module():
-    from tests.conftest import TEST_KEY
-
-    old = os.environ.get("MEDPIPE_DEID_KEY")
-    os.environ["MEDPIPE_DEID_KEY"] = TEST_KEY
-    yield TEST_KEY
-    if old is None:
-        os.environ.pop("MEDPIPE_DEID_KEY", None)
-    else:
-        os.environ["MEDPIPE_DEID_KEY"] = old
 
 
 def test_accounting_and_every_bad_input_kind(local_store, demo_source):

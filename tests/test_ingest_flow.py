@@ -212,12 +212,15 @@ def test_mask_defects_are_counted_once_and_never_fail_the_run(prefect_api, tmp_p
     source.mkdir()
     rng = np.random.default_rng(0)
 
-    def nifti(name: str, shape=(16, 16, 8), mask: bool = False) -> None:
+    def nifti(name: str, shape=(16, 16, 8), mask: bool = False, affine=None) -> None:
         data = (rng.random(shape) > 0.7).astype(np.uint8) if mask else rng.normal(100, 20, shape).astype(np.float32)
-        nib.save(nib.Nifti1Image(data, np.eye(4)), str(source / name))
+        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(source / name))
 
-    for name in ("ok", "shape", "nomask", "a", "b", "c"):
+    for name in ("ok", "shape", "nomask", "a", "b", "c", "shifted"):
         nifti(f"img_{name}.nii.gz")
+    shifted = np.eye(4)
+    shifted[:3, 3] = (0.0, 0.0, 5.0)  # same shape, 5 mm off along z: a misaligned mask
+    nifti("mask_shifted.nii.gz", mask=True, affine=shifted)
     nifti("mask_ok.nii.gz", mask=True)
     nifti("mask_small.nii.gz", shape=(8, 8, 8), mask=True)
     nifti("mask_shared.nii.gz", mask=True)
@@ -233,12 +236,13 @@ def test_mask_defects_are_counted_once_and_never_fail_the_run(prefect_api, tmp_p
         "gone.nii.gz,none,orphan_mask.nii.gz,D\n"
         "img_a.nii.gz,lesion,mask_shared.nii.gz,E\n"
         "img_b.nii.gz,lesion,mask_shared.nii.gz,F\n"
-        "img_c.nii.gz,lesion,mask_corrupt.nii.gz,G\n")
+        "img_c.nii.gz,lesion,mask_corrupt.nii.gz,G\n"
+        "img_shifted.nii.gz,lesion,mask_shifted.nii.gz,H\n")
     result = _run(source, tmp_path / "masks.zarr", preprocess=PreprocessConfig(kind="3d", shape=(8, 16, 16)))
-    assert result["counts"]["discovered"] == 11
-    assert result["counts"]["ingested"] == 8 and result["counts"]["quarantined"] == 3
-    assert result["quarantine_reasons"] == {"mask_shape_mismatch": 1, "mask_without_image": 1,
-                                            "unreadable_nifti": 1}
+    assert result["counts"]["discovered"] == 13
+    assert result["counts"]["ingested"] == 9 and result["counts"]["quarantined"] == 4
+    assert result["quarantine_reasons"] == {"mask_grid_mismatch": 1, "mask_shape_mismatch": 1,
+                                            "mask_without_image": 1, "unreadable_nifti": 1}
     issues = read_json(str(tmp_path / "masks.zarr"), "reports/manifest_issues.json")
     assert {i["problem"] for i in issues} == {"file or folder not found", "mask file not found"}
     table = read_sample_table(str(tmp_path / "masks.zarr"))

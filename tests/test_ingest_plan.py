@@ -178,3 +178,20 @@ def test_mask_check_measures_foreground_and_flags_losses():
     assert not kept["flagged"] and kept["lost_fraction"] == {"1": 0.03}
     cropped = mask_check("u", {"1": 10.0, "2": 1.0}, {"1": 10.0}, "ml")  # label 2 cut away by a crop
     assert cropped["flagged"] and cropped["lost_fraction"]["2"] == 1.0
+
+
+def test_grids_match_within_half_a_voxel():
+    from medpipe.ingest.archive import grids_match
+
+    image = np.diag([0.8, 0.8, 2.5, 1.0])
+    image[:3, 3] = (-25.0, -25.0, -40.0)
+    assert grids_match(image, image.copy(), (32, 64, 64))
+    jitter = image.copy()
+    jitter[:3, 3] += 0.1  # rounding in a writer: still the same grid
+    assert grids_match(image, jitter, (32, 64, 64))
+    shifted = image.copy()
+    shifted[2, 3] += 2.5  # one slice off
+    assert not grids_match(image, shifted, (32, 64, 64))
+    flipped = image.copy()
+    flipped[1, 1] = -0.8  # rows in the other direction
+    assert not grids_match(image, flipped, (32, 64, 64))

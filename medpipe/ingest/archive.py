@@ -84,7 +84,7 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
     pixels = compact_integers(image.pixels)
     audit = DeidAudit()
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
-    mask, mask_reason = _load_mask(unit, base, fs, pixels.shape)
+    mask, mask_reason = _load_mask(unit, base, fs, pixels.shape, image.affine)
     shape, spacing = _spatial(pixels, image.spacing)
     dicom = unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file)
     modality = (defined_term("Modality", image.modality) or "OT") if dicom else unit.modality
@@ -133,21 +133,40 @@ def compact_integers(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.int16)
 
 
-def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem,
-               image_shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
-    """The unit's NIfTI mask as uint8 in the image grid; (None, reason) when unusable."""
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def grids_match(image_affine: np.ndarray, mask_affine: np.ndarray, shape_zyx: tuple[int, ...]) -> bool:
+    """True when two index->world affines (same world convention) put the 8 corner voxels of a (Z, Y, X) grid within
+    half the smallest voxel size of each other: same spacing, origin and direction, up to rounding."""
+    z, y, x = shape_zyx
+    corners = np.array([[i, j, k, 1.0] for i in (0, x - 1) for j in (0, y - 1) for k in (0, z - 1)]).T
+    tolerance = 0.5 * float(np.linalg.norm(image_affine[:3, :3], axis=0).min())
+    return float(np.abs(image_affine @ corners - mask_affine @ corners).max()) <= tolerance
+
+
+def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem, image_shape: tuple[int, ...],
+               image_affine: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The unit's NIfTI mask as uint8 in the image grid; (None, reason) when unusable: unreadable, another shape,
+    or — when both carry geometry — another grid (spacing, origin or direction), never a silent misalignment."""
     if not unit.mask:
         return None, None
     try:
-        mask = read_nifti(f"{base}/{unit.mask}", fs).pixels
+        decoded = read_nifti(f"{base}/{unit.mask}", fs)
     except UnreadableFile as exc:
         return None, str(exc.reason)
     except Exception:  # noqa: BLE001
         return None, "unreadable_nifti"
+    mask = decoded.pixels
     if mask.ndim == len(image_shape) + 1 and mask.shape[1] == 1:  # a 2D mask stored as a 1-slice volume
         mask = mask[:, 0]
     if tuple(mask.shape[1:]) != tuple(image_shape[1:]):
         return None, "mask_shape_mismatch"
+    if image_affine is not None and decoded.affine is not None and mask.ndim == 4:
+        # DICOM geometry is LPS, NIfTI's is RAS: compare in LPS.
+        image_lps = image_affine if unit.kind is not UnitKind.nifti else _RAS_TO_LPS @ image_affine
+        if not grids_match(image_lps, _RAS_TO_LPS @ decoded.affine, tuple(mask.shape[1:])):
+            return None, "mask_grid_mismatch"
     return np.rint(mask[:1]).astype(np.uint8), None
 
 

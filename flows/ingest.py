@@ -59,7 +59,8 @@ def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: st
     layout, fingerprint = t.lay_out_training(run, outcome)
     starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
     parts = [layout.for_range(a, b) for a, b in layout.ranges]
-    assembled = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id)),
+    assembled = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id),
+                                             unmapped(cfg.store)),
                        "assemble", show_progress)
 
     summary = t.finalize(run, plan, outcome, layout, fingerprint, key, assembled)

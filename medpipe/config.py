@@ -20,23 +20,41 @@ class _Section(BaseModel):
 
 
 class PreprocessConfig(_Section):
-    """How archive images become fixed-shape training samples."""
+    """How archive images become training samples: fixed-shape arrays (2D; 3D option) or whole per-case volumes
+    (3D default, for patch-based segmentation)."""
 
     kind: Literal["2d", "3d"] = "2d"
     channels: Literal[1, 3] = 1
     shape: tuple[int, ...] = (64, 64)
+    layout: Literal["auto", "fixed", "volumes"] = Field(
+        default="auto", description="training layout: fixed = one (N, C, *shape) array (crop/pad or resize); "
+        "volumes = each 3D case whole, resampled to the plan's spacing in RAS orientation (docs/store.md); "
+        "auto = volumes for 3d, fixed for 2d. 3D classification needs fixed")
     target_spacing: tuple[float, float, float] | None = Field(
-        default=None, description="3D only: (dz, dy, dx) mm; None = the dataset fingerprint's median spacing"
+        default=None, description="3D only: (dz, dy, dx) mm; None = planned from the dataset (docs/planning.md)"
     )
+    plan: dict[str, Any] = Field(
+        default_factory=dict, description="volumes layout: overrides of the segmentation plan's fields "
+        "(patch_size, batch_size, strides, n_stages, pool_per_axis, base_features, memory_budget_bytes)")
     fit: Literal["resize", "crop_or_pad"] = Field(
         default="resize", description="2D: how images reach `shape` (3D always crops/pads after resampling)"
     )
+    max_volume_voxels: int = Field(
+        default=512**3, ge=1, description="volumes layout: a case larger than this after resampling is excluded")
+
+    def effective_layout(self) -> Literal["fixed", "volumes"]:
+        """The layout this config writes (resolves auto)."""
+        if self.layout == "auto":
+            return "volumes" if self.kind == "3d" else "fixed"
+        return self.layout
 
     @model_validator(mode="after")
     def _shape_matches_kind(self) -> "PreprocessConfig":
         want = 2 if self.kind == "2d" else 3
         if len(self.shape) != want or min(self.shape) < 4:
             raise ValueError(f"shape must have {want} sizes >= 4 for kind={self.kind}, got {self.shape}")
+        if self.layout == "volumes" and self.kind != "3d":
+            raise ValueError("layout volumes is for kind 3d")
         return self
 
 
@@ -47,6 +65,8 @@ class StoreConfig(_Section):
     chunks_per_shard: int = Field(default=16, ge=1)
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     level: int = Field(default=1, ge=0, le=22, description="Blosc level; 1 measured fastest at ~equal ratio")
+    volume_chunk: int = Field(default=64, ge=8, le=512, description="volumes layout: chunk edge (voxels) of each "
+                              "case's arrays; a patch read decodes only the chunks it touches")
 
 
 class SplitConfig(_Section):

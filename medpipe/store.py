@@ -142,7 +142,7 @@ def _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs) ->
     scale = [1.0, *map(float, spacing)]
     fmt = FormatV05()
     image = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=_archive_chunks(pixels.shape),
-                               compressors=compressors(config))
+                               compressors=compressors(config), dimension_names=_dimension_names(pixels.ndim))
     image[...] = pixels
     write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
                                fmt=fmt, axes=_axes(pixels.ndim), name="image")
@@ -150,7 +150,7 @@ def _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs) ->
         labels = group.create_group("labels")
         label_group = labels.create_group("mask")
         arr = label_group.create_array("0", shape=mask.shape, dtype=mask.dtype, chunks=_archive_chunks(mask.shape),
-                                       compressors=compressors(config))
+                                       compressors=compressors(config), dimension_names=_dimension_names(mask.ndim))
         arr[...] = mask
         write_multiscales_metadata(label_group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
                                    fmt=fmt, axes=_axes(mask.ndim), name="mask")
@@ -158,6 +158,12 @@ def _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs) ->
         labels.attrs["ome"] = {"version": fmt.version, "labels": ["mask"]}
     if attrs:
         group.attrs[ATTRS_KEY] = dict(attrs)
+
+
+def _dimension_names(ndim: int, leading: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Zarr v3 dimension names matching the NGFF axes: c, (z,) y, x, after `leading` names (e.g. "n")."""
+    spatial = ("z", "y", "x")[-(ndim - len(leading) - 1):]
+    return (*leading, "c", *spatial)
 
 
 def _archive_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -191,13 +197,15 @@ def create_training_arrays(
     training = root.create_group("training", overwrite=True)
     comp = compressors(config)
     shard_n = max(spc, min(per_shard, _round_up(max(n, 1), spc)))
+    names = _dimension_names(len(sample_shape) + 1, ("n",))
     training.create_array("images", shape=(n, *sample_shape), dtype="float32", chunks=(spc, *sample_shape),
-                          shards=(shard_n, *sample_shape), compressors=comp, fill_value=0.0)
-    training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1)
+                          shards=(shard_n, *sample_shape), compressors=comp, fill_value=0.0, dimension_names=names)
+    training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1,
+                          dimension_names=("n",))
     if with_masks:
         mask_shape = (1, *sample_shape[1:])
         training.create_array("masks", shape=(n, *mask_shape), dtype="uint8", chunks=(spc, *mask_shape),
-                              shards=(shard_n, *mask_shape), compressors=comp, fill_value=0)
+                              shards=(shard_n, *mask_shape), compressors=comp, fill_value=0, dimension_names=names)
     return shard_n
 
 
@@ -248,6 +256,13 @@ def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
             step = max(1, arr.chunks[0] * 8)
             for start in range(0, arr.shape[0], step):
                 h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
+        if "volumes" in training:  # the volumes layout: each case's arrays, in case order
+            volumes = get_group(training, "volumes")
+            for case in sorted(volumes.group_keys(), key=int):
+                for name in ("image", "mask"):
+                    arr = get_array(volumes, f"{case}/{name}")
+                    h.update(f"{case}/{name}{arr.dtype}{arr.shape}".encode())
+                    h.update(np.ascontiguousarray(arr[...]).tobytes())
     if "samples" in root:
         for name, values in read_sample_table(root).items():
             h.update(name.encode())

@@ -91,8 +91,8 @@ def lay_out_training(run: pipeline.IngestRun, outcome: pipeline.ArchiveOutcome
 @task(name="assemble-shard", **IO_TASK)
 @safe("assemble-shard")
 def assemble_shard(store: str, layout: training.TrainingLayout, start: int, stop: int, config: PreprocessConfig,
-                   run_id: str) -> training.AssembleResult:
-    return training.assemble_range(store, layout, start, stop, config, run_id)
+                   run_id: str, store_config: StoreConfig) -> training.AssembleResult:
+    return training.assemble_range(store, layout, start, stop, config, run_id, store_config)
 
 
 @task(name="finalize", **IO_TASK)

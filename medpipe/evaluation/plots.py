@@ -22,6 +22,7 @@ from torchmetrics.functional.classification import binary_roc  # noqa: E402
 from medpipe.evaluation.metrics import auroc_per_class  # noqa: E402
 
 __all__ = [
+    "plot_case_overlays",
     "plot_confusion_matrix",
     "plot_gradcam_grid",
     "plot_roc_curves",
@@ -249,4 +250,46 @@ def plot_gradcam_grid(
         a1.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         a1.set_title("Grad-CAM", fontsize=8)
     fig.suptitle("Grad-CAM: regions that most increased the predicted class score (red = more)", fontsize=10)
+    return _save(fig, out_path)
+
+
+def plot_case_overlays(
+    image: np.ndarray,
+    true: np.ndarray,
+    pred: np.ndarray,
+    spacing: tuple[float, float, float],
+    out_path: str | Path,
+    title: str = "",
+) -> str:
+    """Axial, coronal and sagittal slices of one case with ground-truth (green) and predicted (red) contours.
+
+    ``image``, ``true`` and ``pred`` are (Z, Y, X); ``spacing`` is (dz, dy, dx) in mm and sets each panel's aspect so
+    anisotropic voxels keep their true proportions. The slices pass through the centroid of the ground-truth
+    foreground (of the prediction when the truth is empty; the volume centre when both are). In the coronal and
+    sagittal panels the Z index increases upwards.
+    """
+    image, true, pred = np.asarray(image, dtype=np.float32), np.asarray(true), np.asarray(pred)
+    if image.ndim != 3 or true.shape != image.shape or pred.shape != image.shape:
+        raise ValueError(f"image, true and pred must be (Z, Y, X) arrays of one shape, "
+                         f"got {image.shape}, {true.shape}, {pred.shape}")
+    dz, dy, dx = (float(s) for s in spacing)
+    fg = true > 0 if (true > 0).any() else pred > 0
+    z, y, x = (np.argwhere(fg).mean(axis=0).round().astype(int) if fg.any() else np.asarray(image.shape) // 2).tolist()
+    # (title, index into the (Z, Y, X) arrays, aspect = row spacing / column spacing, imshow origin)
+    panels = (
+        (f"Axial (z = {z})", (z, slice(None), slice(None)), dy / dx, "upper"),
+        (f"Coronal (y = {y})", (slice(None), y, slice(None)), dz / dx, "lower"),
+        (f"Sagittal (x = {x})", (slice(None), slice(None), x), dz / dy, "lower"),
+    )
+    lo, hi = _window(np.concatenate([image[index].ravel() for _, index, _, _ in panels]))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for ax, (name, index, aspect, origin) in zip(axes, panels):
+        ax.imshow(image[index], cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin=origin, interpolation="nearest")
+        for mask, color in ((true[index], "lime"), (pred[index], "red")):
+            for lab in np.unique(mask[mask > 0]):
+                ax.contour((mask == lab).astype(float), levels=[0.5], colors=color, linewidths=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    head = f"{_t(title)}\n" if title else ""
+    fig.suptitle(f"{head}green = ground truth, red = prediction", fontsize=10)
     return _save(fig, out_path)

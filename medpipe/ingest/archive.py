@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Sequence
 
 import fsspec
+import nibabel as nib
 import numpy as np
 import zarr
 
@@ -26,10 +27,11 @@ from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult,
 from medpipe.readers import UnreadableFile, read_nifti, read_unit
 from medpipe.readers.base import is_infrastructure_error
 from medpipe.store import array_checksum, attrs_of, get_array, open_store, write_archive_image
+from medpipe.volumes import canonical_ornt, ras_affine, reorient
 
 # Bump when medpipe.readers changes what a file decodes to (series assembly, geometry, rescale): every unit
 # is archived again on the next run, as a change of the de-identification rules (DEID_RULES_VERSION) does.
-READER_RULES_VERSION = 2
+READER_RULES_VERSION = 3  # 3: RAS affine kept; masks reoriented onto the image grid
 
 
 def unit_input_tag(unit: Unit, sizes: Sequence[int], stamps: Sequence[str], run_tag: str) -> str:
@@ -84,9 +86,10 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
     pixels = compact_integers(image.pixels)
     audit = DeidAudit()
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
-    mask, mask_reason = _load_mask(unit, base, fs, pixels.shape, image.affine)
-    shape, spacing = _spatial(pixels, image.spacing)
     dicom = unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file)
+    shape, spacing = _spatial(pixels, image.spacing)
+    affine, known = ras_affine(image.affine, "LPS" if dicom else "RAS", spacing)
+    mask, mask_reason = _load_mask(unit, base, fs, pixels.shape, affine if known else None)
     modality = (defined_term("Modality", image.modality) or "OT") if dicom else unit.modality
     record = ArchiveRecord(
         id=unit.id, kind=unit.kind, input_tag=input_tag, patient=unit.patient, patient_source=unit.patient_source,
@@ -96,6 +99,7 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
         notes=tuple(dict.fromkeys(unit.notes + tuple(getattr(image, "notes", ())))),
         dicom=header, audit=tuple(audit.to_compact()),
         checksum=array_checksum(pixels, *([mask] if mask is not None else [])),
+        affine=tuple(tuple(float(v) for v in row) for row in affine) if known else None,
     )
     write_archive_image(root, unit.id, pixels, image.spacing, config, mask=mask, attrs=record.to_attrs())
     # the intensity sample feeds the fingerprint; recomputed on reruns rather than stored with every image
@@ -133,9 +137,6 @@ def compact_integers(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.int16)
 
 
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def grids_match(image_affine: np.ndarray, mask_affine: np.ndarray, shape_zyx: tuple[int, ...]) -> bool:
     """True when two index->world affines (same world convention) put the 8 corner voxels of a (Z, Y, X) grid within
     half the smallest voxel size of each other: same spacing, origin and direction, up to rounding."""
@@ -148,7 +149,11 @@ def grids_match(image_affine: np.ndarray, mask_affine: np.ndarray, shape_zyx: tu
 def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem, image_shape: tuple[int, ...],
                image_affine: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
     """The unit's NIfTI mask as uint8 in the image grid; (None, reason) when unusable: unreadable, another shape,
-    or — when both carry geometry — another grid (spacing, origin or direction), never a silent misalignment."""
+    or — when both carry geometry — another grid (spacing, origin or direction), never a silent misalignment.
+
+    `image_affine` is the image's RAS affine. A mask stored in another axis order or direction of the same voxels
+    (a NIfTI export of a DICOM series usually flips rows) is reoriented onto the image's grid: exact, as only
+    axes are permuted and flipped, and accepted only when the grids then coincide."""
     if not unit.mask:
         return None, None
     try:
@@ -160,14 +165,28 @@ def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem, image_shape
     mask = decoded.pixels
     if mask.ndim == len(image_shape) + 1 and mask.shape[1] == 1:  # a 2D mask stored as a 1-slice volume
         mask = mask[:, 0]
-    if tuple(mask.shape[1:]) != tuple(image_shape[1:]):
-        return None, "mask_shape_mismatch"
     if image_affine is not None and decoded.affine is not None and mask.ndim == 4:
-        # DICOM geometry is LPS, NIfTI's is RAS: compare in LPS.
-        image_lps = image_affine if unit.kind is not UnitKind.nifti else _RAS_TO_LPS @ image_affine
-        if not grids_match(image_lps, _RAS_TO_LPS @ decoded.affine, tuple(mask.shape[1:])):
-            return None, "mask_grid_mismatch"
+        mask_affine = np.asarray(decoded.affine, dtype=np.float64)
+        if tuple(mask.shape[1:]) != tuple(image_shape[1:]) or not grids_match(image_affine, mask_affine,
+                                                                              tuple(mask.shape[1:])):
+            mask, mask_affine = _onto_image_axes(mask, mask_affine, image_affine)
+            if tuple(mask.shape[1:]) != tuple(image_shape[1:]):
+                return None, "mask_shape_mismatch"
+            if not grids_match(image_affine, mask_affine, tuple(mask.shape[1:])):
+                return None, "mask_grid_mismatch"
+    elif tuple(mask.shape[1:]) != tuple(image_shape[1:]):
+        return None, "mask_shape_mismatch"
     return np.rint(mask[:1]).astype(np.uint8), None
+
+
+def _onto_image_axes(mask: np.ndarray, mask_affine: np.ndarray, image_affine: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """A (C, Z, Y, X) mask and its RAS affine re-indexed to the image's axis order and directions (via the
+    canonical orientation of both); the affine follows the array, so grids_match then decides."""
+    ornt = nib.orientations.ornt_transform(canonical_ornt(mask_affine), canonical_ornt(image_affine))
+    shape_xyz = tuple(int(s) for s in mask.shape[1:][::-1])
+    new_affine = mask_affine @ nib.orientations.inv_ornt_aff(ornt, shape_xyz)
+    return reorient(mask, ornt), new_affine
 
 
 def archive_shard(source_url: str, store_url: str, units: list[Unit], key: DeidKey, config: StoreConfig,

@@ -15,6 +15,7 @@ from medpipe import __version__
 from medpipe.deid import DeidAudit
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Collision, QuarantineRecord, Unit
 from medpipe.ingest.training import TrainingLayout
+from medpipe.ingest.volume_cases import volume_count
 from medpipe.store import (ATTRS_KEY, SCHEMA_VERSION, StoreError, attrs_of, content_hash, get_array, get_group,
                            open_store, read_json, read_sample_table, remove_path, store_attrs, write_json)
 
@@ -140,10 +141,13 @@ def verify_store(store_url: str) -> list[str]:
             problems.append("its accounting does not add up")
         if counts.get("discovered") and not counts.get("ingested"):
             problems.append("every file was quarantined")
-        for name in ("images", "labels"):
+        names = ("labels",) if attrs.get("layout") == "volumes" else ("images", "labels")
+        for name in names:
             if "training" not in root or name not in get_group(root, "training") \
                     or get_array(root, f"training/{name}").shape[0] != n:
                 problems.append(f"training/{name} does not hold {n} samples")
+        if attrs.get("layout") == "volumes" and volume_count(root) != n - int(attrs.get("assemble_failures", 0)):
+            problems.append(f"training/volumes does not hold the {n} cases")
         table = read_sample_table(root)
         if any(len(v) != n for v in table.values()):
             problems.append("the sample table does not match the training arrays")
@@ -201,6 +205,10 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "fingerprint": fingerprint,
         "classes": classes,
         "kind": config["preprocess"]["kind"],
+        "layout": layout.layout,
+        "plan": layout.plan,
+        "normalization": layout.normalization if layout.layout == "volumes" else None,
+        "assemble_failures": len(assemble_failures),
         "sample_shape": list(layout.sample_shape),
         "training_spacing": list(layout.target_spacing) if layout.target_spacing is not None else None,
         "samples": len(layout.unit_ids),

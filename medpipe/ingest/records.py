@@ -132,6 +132,7 @@ class ArchiveRecord:
     dicom: dict[str, Any]
     audit: tuple[int, ...]
     checksum: str
+    affine: tuple[tuple[float, ...], ...] | None = None  # 4x4 RAS mm of index (x, y, z); None: no geometry
     intensity_sample: tuple[float, ...] = field(default=(), compare=False)
 
     @property
@@ -163,6 +164,7 @@ class ArchiveRecord:
             indices=tuple(data["indices"]), mask_index=data["mask_index"], orientation=data["orientation"],
             notes=tuple(data["notes"]), dicom=dict(data["dicom"]), audit=tuple(data["audit"]),
             checksum=data["checksum"], intensity_sample=intensity_sample,
+            affine=None if data.get("affine") is None else tuple(tuple(float(v) for v in r) for r in data["affine"]),
         )
 
 

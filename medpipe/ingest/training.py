@@ -1,21 +1,26 @@
 """Training arrays: choose the samples that fit the configured kind, split by patient, order them with a seed,
-then fill the fixed-shape arrays shard by shard (each writing task owns whole shards)."""
+then fill the training layout range by range (each writing task owns whole shards, or whole cases).
+
+Two layouts (docs/store.md): "fixed" = one (N, C, *shape) array (2D; a 3D option when every case fits) and
+"volumes" = each 3D case whole, in canonical RAS orientation, resampled to the segmentation plan's spacing
+(medpipe.volumes), for patch-based training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import zarr
 
-from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.preprocess import NotTrainable, check_kind, to_training_sample
 from medpipe.readers.base import is_infrastructure_error
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
+from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
+from medpipe.ingest.volume_cases import assemble_volumes, case_geometry, create_volume_layout, plan_volumes
 from medpipe.store import create_training_arrays, get_array, open_store, read_archive_image, write_sample_table
 
 
@@ -31,6 +36,8 @@ class TrainingLayout:
     normalization: dict[str, Any]
     target_spacing: tuple[float, float, float] | None
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    layout: str = "fixed"  # "fixed" or "volumes"
+    plan: dict[str, Any] | None = None  # volumes: SegmentationPlan.to_dict()
     splits: dict[str, int] = field(default_factory=dict)  # samples per split
     split_patients: dict[str, int] = field(default_factory=dict)  # patients per split
     warnings: list[str] = field(default_factory=list)
@@ -60,6 +67,7 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
                     fingerprint: dict[str, Any]) -> TrainingLayout:
     """Create the empty training arrays and write the per-sample table; returns the layout for assembling."""
     pre = config.preprocess
+    volumes = pre.effective_layout() == "volumes"
     eligible, excluded = [], []
     for rec in sorted(records, key=lambda r: r.id):
         shape = rec.shape if rec.is_volume else (rec.shape[0], *rec.shape[2:])
@@ -69,6 +77,10 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
             excluded.append({"unit": rec.id, "reason": str(exc)})
             continue
         eligible.append(rec)
+    plan = None
+    if volumes:
+        plan, eligible, too_large = plan_volumes(eligible, pre)
+        excluded += too_large
     order = np.random.default_rng(config.order_seed).permutation(len(eligible))
     chosen = [eligible[i] for i in order]
     labels = [classes.index(r.label) if r.label in classes else -1 for r in chosen]
@@ -76,13 +88,18 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     strata = patient_labels(patients, labels)
     split_of = split_patients(patients, config.split)
     n = len(chosen)
-    sample_shape = (pre.channels, *pre.shape)
+    sample_shape = (pre.channels, *(plan.patch_size if plan is not None else pre.shape))
     with_masks = any(r.has_mask for r in chosen)
     root = open_store(store_url, mode="a")
-    per_shard = create_training_arrays(root, n, sample_shape, with_masks, config.store)
+    if plan is not None:
+        per_shard = create_volume_layout(root, n)
+    else:
+        per_shard = create_training_arrays(root, n, sample_shape, with_masks, config.store)
     get_array(root, "training/labels")[...] = np.asarray(labels, dtype=np.int64) if n else np.zeros(0, np.int64)
     splits = np.array([split_of[p] for p in patients], dtype=np.int8)
-    write_sample_table(root, {
+    extra = {} if plan is None else {"volume_shape": np.array(
+        [case_geometry(r, plan.target_spacing).shape for r in chosen], dtype=np.int64).reshape(n, 3)}
+    write_sample_table(root, {**extra,
         "patient": np.array(patients, dtype=object), "study": np.array([r.study for r in chosen], dtype=object),
         "series": np.array([r.series for r in chosen], dtype=object),
         "unit": np.array([r.id for r in chosen], dtype=object),
@@ -99,49 +116,26 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
         sample_shape=sample_shape, with_masks=with_masks,
         ranges=[(s, min(s + per_shard, n)) for s in range(0, n, per_shard)],
         normalization={m: fingerprint["modalities"].get(m, {}).get("intensity") for m in modalities},
-        target_spacing=_target_spacing(pre, fingerprint, modalities),
-        excluded=excluded,
+        target_spacing=plan.target_spacing if plan is not None else _target_spacing(pre, fingerprint, modalities),
+        excluded=excluded, layout="volumes" if plan is not None else "fixed",
+        plan=None if plan is None else plan.to_dict(),
         splits={name: int((splits == code).sum()) for code, name in enumerate(SPLIT_NAMES)},
         split_patients={name: sum(1 for c in split_of.values() if c == code) for code, name in enumerate(SPLIT_NAMES)},
         warnings=split_warnings(split_of, strata, config.split, classes),
     )
 
 
-MASK_LOSS_TOLERANCE = 0.05  # a stored mask with more than 5 % less foreground than its source mask is flagged
-
-
-@dataclass(frozen=True)
-class AssembleResult:
-    """What assembling a range produced besides the arrays: samples that failed, and the per-case mask check."""
-
-    failures: list[dict[str, Any]] = field(default_factory=list)  # {"index", "unit", "reason"}: excluded samples
-    mask_checks: list[dict[str, Any]] = field(default_factory=list)  # see `mask_check`
-
-
-def foreground_amounts(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """Foreground per label of a label map (1, *spatial) with voxel `spacing` (mm per spatial axis): ml for 3D,
-    mm² for 2D."""
-    per_voxel = float(np.prod(spacing)) / (1000.0 if len(spacing) == 3 else 1.0)
-    labels, counts = np.unique(mask[mask > 0], return_counts=True)
-    return {str(int(k)): round(float(n) * per_voxel, 4) for k, n in zip(labels, counts)}
-
-
-def mask_check(unit: str, source: dict[str, float], stored: dict[str, float], unit_name: str) -> dict[str, Any]:
-    """One case of reports/mask_check.json: foreground of the source and the stored mask per label, and whether
-    the stored one lost more than MASK_LOSS_TOLERANCE of any label."""
-    lost = {k: round(1.0 - stored.get(k, 0.0) / v, 4) for k, v in source.items() if v > 0}
-    return {"unit": unit, "unit_of_measure": unit_name, "source": source, "stored": stored, "lost_fraction": lost,
-            "flagged": any(f > MASK_LOSS_TOLERANCE for f in lost.values())}
-
-
 def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig,
-                   run_id: str) -> AssembleResult:
+                   run_id: str, store_config: StoreConfig | None = None) -> AssembleResult:
     """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards).
 
     Samples that cannot be made are returned as failures: the caller excludes them (split -1), so one bad image
     never stops the run and never trains as a zero-filled sample. Each sample with a mask gets a mask check."""
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
+    if layout.layout == "volumes":
+        return assemble_volumes(root, layout.unit_ids[start - layout.offset : stop - layout.offset], start,
+                                layout.normalization, config, layout.target_spacing, store_config)
     images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
     masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
     result = AssembleResult()

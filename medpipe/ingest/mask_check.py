@@ -1,0 +1,38 @@
+"""reports/mask_check.json: how much foreground each case's stored training mask kept of its source mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MASK_LOSS_TOLERANCE = 0.05  # a stored mask with more than 5 % less foreground than its source mask is flagged
+
+
+@dataclass(frozen=True)
+class AssembleResult:
+    """What assembling a range produced besides the arrays: samples that failed, and the per-case mask check."""
+
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {"index", "unit", "reason"}: excluded samples
+    mask_checks: list[dict[str, Any]] = field(default_factory=list)  # see `mask_check`
+
+
+def foreground_amounts(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    """Foreground per label of a label map (1, *spatial) with voxel `spacing` (mm per spatial axis): ml for 3D,
+    mm² for 2D."""
+    per_voxel = float(np.prod(spacing)) / (1000.0 if len(spacing) == 3 else 1.0)
+    labels, counts = np.unique(mask[mask > 0], return_counts=True)
+    return {str(int(k)): round(float(n) * per_voxel, 4) for k, n in zip(labels, counts)}
+
+
+def mask_check(unit: str, source: dict[str, float], stored: dict[str, float], unit_name: str) -> dict[str, Any]:
+    """One case of reports/mask_check.json: foreground of the source and the stored mask per label, and whether
+    the stored one lost more than MASK_LOSS_TOLERANCE of any label."""
+    lost = {k: round(1.0 - stored.get(k, 0.0) / v, 4) for k, v in source.items() if v > 0}
+    return {"unit": unit, "unit_of_measure": unit_name, "source": source, "stored": stored, "lost_fraction": lost,
+            "flagged": any(f > MASK_LOSS_TOLERANCE for f in lost.values())}
+
+
+__all__ = ["MASK_LOSS_TOLERANCE", "AssembleResult", "foreground_amounts", "mask_check"]

@@ -1,0 +1,109 @@
+"""The "volumes" training layout at ingest: plan the segmentation (target spacing, patch, topology) from the
+cases' canonical spacings and shapes, then write each case whole (canonical RAS, resampled, normalised) with its
+mask on the same grid, and check that the mask kept its foreground."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from medpipe.config import PreprocessConfig, StoreConfig
+from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
+from medpipe.ingest.records import ArchiveRecord
+from medpipe.planning import SegmentationPlan, plan_segmentation
+from medpipe.preprocess import NotTrainable, convert_channels, normalize
+from medpipe.readers.base import is_infrastructure_error
+from medpipe.store import read_archive_image
+from medpipe.volumes import VOLUMES, CaseGeometry, plan_geometry, ras_affine, to_stored, write_case
+
+CASES_PER_TASK = 4  # cases one assembling task writes (each case is its own group: tasks never share a chunk)
+
+
+def case_geometry(record: ArchiveRecord, target_spacing: Sequence[float] | None) -> CaseGeometry:
+    """Geometry of an archive volume in the volumes layout (its RAS affine, or its spacing when it has none)."""
+    affine, known = ras_affine(record.affine, "RAS", record.spacing)
+    return plan_geometry(record.shape[1:], affine, target_spacing, geometry_known=known)
+
+
+def plan_volumes(records: list[ArchiveRecord], config: PreprocessConfig
+                 ) -> tuple[SegmentationPlan | None, list[ArchiveRecord], list[dict[str, Any]]]:
+    """(plan, cases kept, cases excluded) for a volumes-layout store. The plan sees each case's canonical spacing
+    and shape; `config.target_spacing` and `config.plan` override its fields. A case larger than
+    `config.max_volume_voxels` at the planned spacing is excluded with its size."""
+    if not records:
+        return None, [], []
+    geometries = [case_geometry(r, None) for r in records]
+    overrides = dict(config.plan)
+    if config.target_spacing is not None:
+        overrides["target_spacing"] = list(config.target_spacing)
+    plan = plan_segmentation(spacings=[g.canonical_spacing for g in geometries],
+                             shapes=[g.canonical_shape for g in geometries], overrides=overrides,
+                             in_channels=config.channels)
+    kept, excluded = [], []
+    for record in records:
+        shape = case_geometry(record, plan.target_spacing).shape
+        voxels = int(np.prod(shape))
+        if voxels > config.max_volume_voxels:
+            excluded.append({"unit": record.id, "reason": f"too large after resampling to the planned spacing: "
+                             f"{list(shape)} = {voxels} voxels > max_volume_voxels {config.max_volume_voxels}"})
+        else:
+            kept.append(record)
+    return plan, kept, excluded
+
+
+def create_volume_layout(root: zarr.Group, n: int) -> int:
+    """Empty training/ (labels, volumes/) for `n` cases; returns the cases per assembling task."""
+    training = root.create_group("training", overwrite=True)
+    training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1,
+                          dimension_names=("n",))
+    training.create_group("volumes")
+    return CASES_PER_TASK
+
+
+def assemble_volumes(root: zarr.Group, unit_ids: Sequence[str], start: int, normalization: Mapping[str, Any],
+                     config: PreprocessConfig, target_spacing: Sequence[float] | None,
+                     store_config: StoreConfig | None) -> AssembleResult:
+    """Write cases start, start+1, ... (one per unit id); a case that cannot be made is a failure, not an abort."""
+    result = AssembleResult()
+    for offset, unit_id in enumerate(unit_ids):
+        index = start + offset
+        try:
+            check = _write_volume(root, index, unit_id, normalization, config, target_spacing,
+                                  store_config or StoreConfig())
+        except Exception as exc:  # noqa: BLE001 - a per-case failure excludes the case, never the run
+            if is_infrastructure_error(exc):
+                raise
+            result.failures.append({"index": index, "unit": unit_id,
+                                    "reason": f"preprocessing failed ({type(exc).__name__})"
+                                    + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
+            continue
+        if check is not None:
+            result.mask_checks.append(check)
+    return result
+
+
+def _write_volume(root: zarr.Group, index: int, unit_id: str, normalization: Mapping[str, Any],
+                  config: PreprocessConfig, target_spacing: Sequence[float] | None, store_config: StoreConfig
+                  ) -> dict[str, Any] | None:
+    pixels, mask, attrs = read_archive_image(root, unit_id)
+    record = ArchiveRecord.from_attrs(attrs)
+    geometry = case_geometry(record, target_spacing)
+    image = normalize(convert_channels(pixels, config.channels), record.modality, normalization.get(record.modality))
+    stored = to_stored(image, geometry, "linear")
+    stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
+    write_case(root, index, stored, stored_mask, geometry, unit_id, store_config)
+    if mask is None or stored_mask is None:
+        return None
+    return mask_check(unit_id, foreground_amounts(mask, record.spacing),
+                      foreground_amounts(stored_mask, geometry.spacing), "ml")
+
+
+def volume_count(root: zarr.Group) -> int:
+    """Cases written under training/volumes/."""
+    return len(list(root[VOLUMES].group_keys())) if VOLUMES in root else 0  # type: ignore[union-attr]
+
+
+__all__ = ["CASES_PER_TASK", "assemble_volumes", "case_geometry", "create_volume_layout", "plan_volumes",
+           "volume_count"]

@@ -36,6 +36,9 @@ class PreprocessConfig(_Section):
     plan: dict[str, Any] = Field(
         default_factory=dict, description="volumes layout: overrides of the segmentation plan's fields "
         "(patch_size, batch_size, strides, n_stages, pool_per_axis, base_features, memory_budget_bytes)")
+    normalization: dict[str, Any] | None = Field(
+        default=None, description="intensity normalisation per modality used instead of this dataset's fingerprint "
+        "(`medpipe predict` passes the training store's, so new studies are normalised as the training data were)")
     fit: Literal["resize", "crop_or_pad"] = Field(
         default="resize", description="2D: how images reach `shape` (3D always crops/pads after resampling)"
     )

@@ -282,7 +282,7 @@ def plot_case_overlays(
         (f"Sagittal (x = {x})", (slice(None), slice(None), x), dz / dy, "lower"),
     )
     lo, hi = _window(np.concatenate([image[index].ravel() for _, index, _, _ in panels]))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="constrained")
     for ax, (name, index, aspect, origin) in zip(axes, panels):
         ax.imshow(image[index], cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin=origin, interpolation="nearest")
         for mask, color in ((true[index], "lime"), (pred[index], "red")):

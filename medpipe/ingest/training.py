@@ -115,7 +115,8 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
         unit_ids=[r.id for r in chosen], modalities=[r.modality for r in chosen],
         sample_shape=sample_shape, with_masks=with_masks,
         ranges=[(s, min(s + per_shard, n)) for s in range(0, n, per_shard)],
-        normalization={m: fingerprint["modalities"].get(m, {}).get("intensity") for m in modalities},
+        normalization=dict(pre.normalization) if pre.normalization is not None else
+        {m: fingerprint["modalities"].get(m, {}).get("intensity") for m in modalities},
         target_spacing=plan.target_spacing if plan is not None else _target_spacing(pre, fingerprint, modalities),
         excluded=excluded, layout="volumes" if plan is not None else "fixed",
         plan=None if plan is None else plan.to_dict(),

@@ -15,7 +15,8 @@ from torch import nn
 
 from medpipe.task import Task
 from medpipe.training import CorruptCheckpointError
-from medpipe.training.models import build_model
+from medpipe.planning import SegmentationPlan
+from medpipe.training.models import PLAN_MODEL, build_model, build_plan_unet
 
 REQUIRED_KEYS = ("model", "epoch", "config", "store_content_hash", "code_version", "classes", "sample_shape",
                  "task", "model_name", "num_outputs")
@@ -67,8 +68,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the registry model of a checkpoint and load its weights."""
     shape = list(payload["sample_shape"])
-    model = build_model(payload["model_name"], payload["task"], len(shape) - 1, int(shape[0]),
-                        int(payload["num_outputs"]))
+    if payload["model_name"] == PLAN_MODEL:
+        model = build_plan_unet(SegmentationPlan.from_dict(payload["plan"]), int(shape[0]),
+                                int(payload["num_outputs"]), bool(payload.get("deep_supervision", False)))
+    else:
+        model = build_model(payload["model_name"], payload["task"], len(shape) - 1, int(shape[0]),
+                            int(payload["num_outputs"]))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ import torch
 from monai.networks import nets
 from torch import nn
 
+from medpipe.planning import MAX_SPACING_RATIO, SegmentationPlan
 from medpipe.task import Task
 from medpipe.training import TrainingError, UnknownModelError, as_task
 
@@ -68,6 +69,36 @@ def _small_unet(spatial_dims: int, in_channels: int, num_classes: int) -> nn.Mod
                      channels=(16, 32, 64), strides=(2, 2), num_res_units=1, norm="instance")
 
 
+def conv_kernels(plan: SegmentationPlan) -> tuple[tuple[int, int, int], ...]:
+    """Convolution kernel per stage, as nnU-Net sets them: 3 along an axis, except 1 along an axis whose current
+    spacing is still >= 2x the finest (an anisotropic axis not yet pooled), so thick slices are not mixed."""
+    spacing = list(plan.target_spacing)
+    kernels = []
+    for stride in plan.strides:
+        spacing = [s * k for s, k in zip(spacing, stride)]
+        finest = min(spacing)
+        z, y, x = (1 if s / finest >= MAX_SPACING_RATIO else 3 for s in spacing)
+        kernels.append((z, y, x))
+    return tuple(kernels)
+
+
+def build_plan_unet(plan: SegmentationPlan, in_channels: int, num_classes: int,
+                    deep_supervision: bool = False) -> nn.Module:
+    """nnU-Net's 3d_fullres U-Net for a plan: MONAI DynUNet with the plan's strides, features per stage and
+    kernels (`conv_kernels`), instance norm and leaky ReLU. In training mode with `deep_supervision` the network
+    returns (B, 1 + S, K, *patch): the full-resolution logits then S upsampled lower-resolution heads; in eval
+    mode (and without deep supervision) logits (B, K, *patch)."""
+    strides = [list(s) for s in plan.strides]
+    model = nets.DynUNet(
+        spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+        kernel_size=[list(k) for k in conv_kernels(plan)], strides=strides, upsample_kernel_size=strides[1:],
+        filters=list(plan.features_per_stage), norm_name=("INSTANCE", {"affine": True}),
+        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        deep_supervision=deep_supervision, deep_supr_num=max(1, min(2, plan.n_stages - 2)), res_block=False)
+    model.medpipe_task = Task.segment  # type: ignore[assignment]
+    return model
+
+
 # name -> (builder, tasks it supports)
 _REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[Task, ...]]] = {
     "small-cnn": (_small_cnn, (Task.classify,)),
@@ -77,11 +108,14 @@ _REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[Task, ...
     "unet": (_unet, (Task.segment,)),
     "small-unet": (_small_unet, (Task.segment,)),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+PLAN_MODEL = "plan-unet"  # built from a store's segmentation plan (build_plan_unet), not from the registry
+MODEL_NAMES: tuple[str, ...] = (*_REGISTRY, PLAN_MODEL)
 
 
 def model_task(name: str) -> tuple[Task, ...]:
     """Tasks a registered model supports."""
+    if name == PLAN_MODEL:
+        return (Task.segment,)
     if name not in _REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     return _REGISTRY[name][1]

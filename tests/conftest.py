@@ -87,3 +87,27 @@ def moto_s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+VOLUME_PLAN = {"base_features": 8, "n_stages": 3}  # a small network: the volume-store tests train on 2 CPU cores
+
+
+@pytest.fixture(scope="session")
+def volume_store(prefect_api, demo_source, tmp_path_factory):
+    """The demo source ingested as 3D volumes (layout "volumes", a small plan), once per session; read-only."""
+    from flows.ingest import run_ingest
+    from medpipe.config import IngestConfig, PreprocessConfig
+
+    old = os.environ.get("MEDPIPE_DEID_KEY")
+    os.environ["MEDPIPE_DEID_KEY"] = TEST_KEY
+    try:
+        store = tmp_path_factory.mktemp("volumes") / "store-3d.zarr"
+        config = IngestConfig(preprocess=PreprocessConfig(kind="3d", shape=(32, 64, 64), plan=VOLUME_PLAN),
+                              classes=["none", "lesion"])
+        summary = run_ingest(str(demo_source[0]), str(store), config)
+    finally:
+        if old is None:
+            os.environ.pop("MEDPIPE_DEID_KEY", None)
+        else:
+            os.environ["MEDPIPE_DEID_KEY"] = old
+    return store, summary

@@ -5,8 +5,10 @@ Canonical orientation is **RAS** (nibabel's closest canonical, MONAI's `Orientat
 (C, Z, Y, X) the X index increases towards the patient's Right, Y towards Anterior, Z towards Superior. Reorienting
 only permutes and flips axes (no interpolation), so it is undone exactly; DICOM geometry (LPS) and NIfTI geometry
 (RAS) are both converted to an RAS affine first, so a DICOM series and its NIfTI export land on the same canonical
-grid. Resampling is linear for images and, for label maps, linear on each label's one-hot channel followed by argmax
-(as nnU-Net resamples segmentations: thin structures survive where nearest neighbour drops them).
+grid. Resampling averages along axes that shrink 2x or more and is trilinear otherwise; label maps are resampled
+per label (one-hot, linear, >= 0.5), as nnU-Net resamples segmentations, so a mask keeps its volume and thin
+structures survive where nearest neighbour drops them. Written on torch's interpolate rather than MONAI/SimpleITK
+resamplers: it is the one call that does area + trilinear on (C, Z, Y, X) arrays without metadata round trips.
 
 Layout (docs/store.md):
     training/volumes/<i>/image   float32 (C, Z, Y, X) canonical, resampled, normalised
@@ -43,7 +45,7 @@ class CaseGeometry:
 
     `to_canonical` is a nibabel orientation array (3 x 2) for the source index axes (x, y, z): reorienting the
     source array by it gives the canonical (RAS) array of `canonical_shape`, which was resampled to `shape` at
-    `spacing`. `source_affine` maps source index (x, y, z) to RAS mm (what a NIfTI of the source grid carries)."""
+    `spacing` (the plan's target spacing up to the rounding of the shape). `source_affine` maps source index (x, y, z) to RAS mm (what a NIfTI of the source grid carries)."""
 
     source_shape: Triple
     source_affine: tuple[tuple[float, ...], ...]  # 4 x 4
@@ -125,19 +127,30 @@ def _reoriented_zyx(values: Sequence[float], ornt: np.ndarray) -> list[float]:
 
 
 def resample(array: np.ndarray, shape: Sequence[int], mode: Interpolation) -> np.ndarray:
-    """(C, Z, Y, X) -> (C, *shape). "linear": trilinear (images, probabilities); "labels": a (1, Z, Y, X) label map
-    resampled per label (one-hot, trilinear, argmax), as nnU-Net does; "nearest": nearest neighbour."""
+    """(C, Z, Y, X) -> (C, *shape). "linear": area averaging along axes that shrink 2x or more, then trilinear (images, probabilities); "labels": a label map resampled per label as nnU-Net does (each label's one-hot
+    channel interpolated "linear", voxels >= 0.5 take the label); "nearest": nearest neighbour."""
     target = tuple(int(s) for s in shape)
     if tuple(array.shape[1:]) == target:
         return array
     if mode == "labels":
         labels = np.asarray(array[0])
-        values = np.unique(labels)
-        onehot = np.stack([labels == v for v in values]).astype(np.float32)
-        picked = np.argmax(_interpolate(onehot, target, "trilinear"), axis=0)
-        return values[picked][None].astype(array.dtype)
-    out = _interpolate(np.asarray(array, dtype=np.float32), target, "trilinear" if mode == "linear" else "nearest")
-    return out.astype(array.dtype) if mode == "nearest" else out
+        out = np.zeros(target, dtype=array.dtype)
+        for value in np.unique(labels):
+            if value != 0:
+                out[_linear((labels == value)[None].astype(np.float32), target)[0] >= 0.5] = value
+        return out[None]
+    if mode == "nearest":
+        return _interpolate(np.asarray(array, dtype=np.float32), target, "nearest").astype(array.dtype)
+    return _linear(np.asarray(array, dtype=np.float32), target)
+
+
+def _linear(array: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    """Area-average the axes that shrink by 2x or more (no aliasing, volumes kept), then trilinear on the rest
+    (area bins of a mild shrink overlap unevenly and distort small objects more than trilinear does)."""
+    shrunk = tuple(t if t * 2 <= n else n for n, t in zip(array.shape[1:], target))
+    if shrunk != tuple(array.shape[1:]):
+        array = _interpolate(array, shrunk, "area")
+    return _interpolate(array, target, "trilinear") if shrunk != target else array
 
 
 def _interpolate(array: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
@@ -160,15 +173,18 @@ def plan_geometry(source_shape: Sequence[int], affine_ras: np.ndarray, target_sp
     src_spacing = (float(norms[2]), float(norms[1]), float(norms[0]))
     c_shape = tuple(int(v) for v in _reoriented_zyx(list(source_shape), ornt))
     c_spacing = tuple(float(v) for v in _reoriented_zyx(list(src_spacing), ornt))
-    spacing = tuple(float(v) for v in (target_spacing if target_spacing is not None else c_spacing))
+    target = tuple(float(v) for v in (target_spacing if target_spacing is not None else c_spacing))
+    shape = resampled_shape(c_shape, c_spacing, target)
+    # the spacing the stored voxels really have: the whole extent over a whole number of voxels (the target up to
+    # rounding of the shape, which matters for volumes of few slices)
+    spacing = tuple(s * n / m for s, n, m in zip(c_spacing, c_shape, shape))
     return CaseGeometry(
         source_shape=(int(source_shape[0]), int(source_shape[1]), int(source_shape[2])),
         source_affine=tuple(tuple(float(x) for x in row) for row in affine_ras),
         to_canonical=tuple((float(a), float(f)) for a, f in ornt),
         canonical_shape=(c_shape[0], c_shape[1], c_shape[2]),
         canonical_spacing=(c_spacing[0], c_spacing[1], c_spacing[2]),
-        shape=resampled_shape(c_shape, c_spacing, spacing),
-        spacing=(spacing[0], spacing[1], spacing[2]), geometry_known=geometry_known)
+        shape=shape, spacing=(spacing[0], spacing[1], spacing[2]), geometry_known=geometry_known)
 
 
 def to_stored(array: np.ndarray, geometry: CaseGeometry, mode: Interpolation) -> np.ndarray:

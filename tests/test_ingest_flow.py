@@ -102,33 +102,52 @@ def test_rerun_is_noop(local_store):
 
 
 def test_3d_store_with_masks(prefect_api, local_store, demo_source, tmp_path, deid_key):
+    from medpipe.volumes import open_case
+
     source, _, _ = demo_source
     result = _run(source, tmp_path / "ct.zarr", preprocess=PreprocessConfig(kind="3d", shape=(32, 64, 64)))
     root = zarr.open_group(str(tmp_path / "ct.zarr"), mode="r")
-    assert root["training/images"].shape[1:] == (1, 32, 64, 64)
-    masks = root["training/masks"][:]
-    assert masks.max() == 1 and masks.sum() > 0
-    # 4 MiB chunks of 32x64x64 float32 volumes (512 KiB each): blocks of 8 volumes
-    assert root["training/images"].chunks[0] == 8
-    assert result["counts"]["training_samples"] >= 6
-    lesion = root["training/images"][:][masks.astype(bool)]
-    assert lesion.mean() > root["training/images"][:].mean()  # lesions are brighter than the average voxel
-    assert result["training_spacing"] is not None and len(result["training_spacing"]) == 3
-    # This store mixes CT (2.5 x 0.8 x 0.8 mm) with an XA cine, so its target spacing is finer than the CT's: the
-    # CT volumes are upsampled and then centre-cropped to 32x64x64, which cuts lesions away. The mask check must
-    # say so, case by case (patch-based 3D training on full volumes is the fix: issue 8).
+    assert result["layout"] == "volumes" and "images" not in root["training"]
+    plan = result["plan"]
+    assert result["training_spacing"] == plan["target_spacing"] and result["sample_shape"] == [1, *plan["patch_size"]]
+    table = read_sample_table(str(tmp_path / "ct.zarr"))
+    n = result["samples"]
+    assert n >= 6 and result["counts"]["training_samples"] == n
+    brighter = 0
+    for i in range(n):
+        case = open_case(root, i)
+        assert case.unit == table["unit"][i] and list(case.geometry.shape) == list(table["volume_shape"][i])
+        assert case.image.shape == (1, *case.geometry.shape) and case.mask.shape == (1, *case.geometry.shape)
+        assert case.image.metadata.dimension_names == ("c", "z", "y", "x")
+        assert max(case.image.chunks[1:]) <= 64
+        image, mask = case.image[...], case.mask[...].astype(bool)
+        brighter += bool(mask.any() and image[mask].mean() > image.mean())  # lesions are brighter
+    assert brighter >= n // 2
+    # The store mixes CT (2.5 x 0.8 x 0.8 mm) with an XA cine: whole cases are stored, so no mask loses foreground
+    # to a crop whatever the target spacing (a fixed-shape crop lost lesions here before the volumes layout).
     checks = read_json(str(tmp_path / "ct.zarr"), "reports/mask_check.json")
     lesions = [c for c in checks if c["source"]]
     assert len(checks) == result["masks_checked"] and lesions
-    assert result["masks_flagged"] == sum(c["flagged"] for c in checks)
+    assert result["masks_flagged"] == 0 and not any(c["flagged"] for c in checks)
     for c in lesions:
-        lost = 1 - c["stored"].get("1", 0.0) / c["source"]["1"]
-        assert c["flagged"] == (lost > 0.05) and abs(c["lost_fraction"]["1"] - lost) < 1e-3
+        assert abs(c["stored"]["1"] - c["source"]["1"]) <= 0.05 * c["source"]["1"]
+    archive = root["archive"][table["unit"][0]]
+    assert archive["0"].metadata.dimension_names == ("c", "z", "y", "x")
     # the 2D and the 3D store of the same patients, made with the same key, put each patient in the same split
-    table_3d = read_sample_table(str(tmp_path / "ct.zarr"))
     split_2d = _patient_splits(read_sample_table(str(local_store[1])))
-    split_3d = _patient_splits(table_3d)
+    split_3d = _patient_splits(table)
     assert set(split_3d) <= set(split_2d) and all(split_2d[p] == s for p, s in split_3d.items())
+
+
+def test_3d_fixed_layout_stays_an_option(prefect_api, demo_source, tmp_path, deid_key):
+    source, _, _ = demo_source
+    result = _run(source, tmp_path / "fixed.zarr",
+                  preprocess=PreprocessConfig(kind="3d", shape=(16, 32, 32), layout="fixed"))
+    root = zarr.open_group(str(tmp_path / "fixed.zarr"), mode="r")
+    assert result["layout"] == "fixed" and root["training/images"].shape[1:] == (1, 16, 32, 32)
+    assert root["training/images"].metadata.dimension_names == ("n", "c", "z", "y", "x")
+    assert result["masks_flagged"] == sum(c["flagged"] for c in read_json(str(tmp_path / "fixed.zarr"),
+                                                                          "reports/mask_check.json"))
 
 
 def _patient_splits(table) -> dict[str, int]:
@@ -286,3 +305,56 @@ def test_up_to_date_means_verified(local_store, tmp_path, deid_key):
     again = _run(source, copy)
     assert not again.get("noop") and again["content_hash"] == result["content_hash"]
     assert _run(source, copy).get("noop") is True
+
+
+def test_masks_in_another_axis_order_are_reoriented_onto_the_image(prefect_api, tmp_path, deid_key):
+    """A NIfTI mask of the same voxels stored with flipped/permuted axes (as a NIfTI export of a DICOM series
+    is) lands on the image grid; DICOM (LPS) and NIfTI (RAS) geometry are compared in one world frame."""
+    import nibabel as nib
+    from pydicom.uid import generate_uid
+
+    from dicom_factory import ct_slice, save
+    from medpipe.store import read_archive_image
+    from medpipe.volumes import LPS_TO_RAS
+    from medpipe.deid import DeidKey, Pseudonymizer
+
+    source = tmp_path / "src"
+    (source / "ct").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    hu = rng.normal(40, 10, size=(12, 32, 24)).astype(np.float32)  # (Z, Y, X) as the reader stacks it
+    truth = np.zeros((12, 32, 24), np.uint8)
+    truth[2:10, 6:26, 4:20] = 1
+    uid = generate_uid()
+    for k in range(12):
+        save(ct_slice(hu[k], 2.5 * k, series_uid=uid, instance=k + 1, PatientID="PAT-A"), source / "ct" / f"{k}.dcm")
+    # the DICOM stack's LPS affine (columns 0.6 mm along x, rows 0.7 mm along y, slices 2.5 mm along z)
+    lps = np.diag([0.6, 0.7, 2.5, 1.0])
+    lps[:3, 3] = (-50.0, -60.0, 0.0)
+    # exported as dcm2niix does: rows flipped, affine in RAS
+    flip_rows = np.diag([1.0, -1.0, 1.0, 1.0])
+    flip_rows[1, 3] = 32 - 1
+    nib.save(nib.Nifti1Image(truth[:, ::-1, :].transpose(2, 1, 0).copy(), LPS_TO_RAS @ lps @ flip_rows),
+             str(source / "ct_mask.nii.gz"))
+    # a NIfTI image with its mask saved in another axis order (x and y swapped) of the same voxels
+    vol = rng.normal(100, 20, size=(24, 20, 16)).astype(np.float32)  # nibabel order (x, y, z)
+    vmask = np.zeros_like(vol, dtype=np.uint8)
+    vmask[4:20, 4:16, 2:12] = 1
+    affine = np.diag([0.9, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(vol, affine), str(source / "mr.nii.gz"))
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    nib.save(nib.Nifti1Image(vmask.transpose(1, 0, 2).copy(), affine @ swap), str(source / "mr_mask.nii.gz"))
+    (source / "labels.csv").write_text("path,label,mask,patient_id\nct,lesion,ct_mask.nii.gz,A\n"
+                                       "mr.nii.gz,lesion,mr_mask.nii.gz,B\n")
+    store = tmp_path / "oriented.zarr"
+    result = _run(source, store, preprocess=PreprocessConfig(kind="3d", shape=(8, 16, 16)))
+    assert result["quarantine_reasons"] == {} and result["masks_checked"] == 2
+    root = zarr.open_group(str(store), mode="r")
+    pseudonyms = Pseudonymizer(DeidKey(deid_key.encode()))
+    table = read_sample_table(str(store))
+    units = {str(u) for u in table["unit"]}
+    ct_unit = next(u for u in units if read_archive_image(root, u)[2]["modality"] == "CT")
+    mr_unit = pseudonyms.path("mr.nii.gz")
+    _, ct_mask, _ = read_archive_image(root, ct_unit)
+    np.testing.assert_array_equal(ct_mask[0], truth)
+    _, mr_mask, _ = read_archive_image(root, mr_unit)
+    np.testing.assert_array_equal(mr_mask[0], vmask.transpose(2, 1, 0))

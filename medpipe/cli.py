@@ -243,6 +243,14 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
     for k, v in attrs["counts"].items():
         table.add_row(k, str(v))
     table.add_row("kind / sample shape", f"{attrs['kind']} {attrs['sample_shape']}")
+    plan = attrs.get("plan")
+    if attrs.get("layout") == "volumes" and plan:
+        table.add_row("layout", "volumes: whole cases, RAS, resampled (training/volumes/<i>)")
+        table.add_row("plan: spacing / patch / batch",
+                      f"{plan['target_spacing']} mm / {plan['patch_size']} / {plan['batch_size']}")
+        table.add_row("plan: stages / pooling per axis / budget",
+                      f"{plan['n_stages']} / {plan['pool_per_axis']} / {plan['memory_budget_bytes'] >> 20} MiB "
+                      f"({plan['budget_source']})")
     table.add_row("classes", ", ".join(attrs["classes"]) or "(unlabelled)")
     patients = attrs.get("split_patients", {})
     table.add_row("splits (samples / patients)",
@@ -367,6 +375,59 @@ def evaluate(
                                           device=device))
     console.print(result["markdown"])
     console.print(f"report: {result['report']}")
+
+
+def _is_store(path: str) -> bool:
+    """Whether PATH holds a medpipe store (else it is taken as a folder of images to ingest)."""
+    from medpipe.store import StoreError, store_attrs
+
+    try:
+        return bool(store_attrs(path))
+    except StoreError:
+        return False
+
+
+@app.command()
+@guarded_command
+def predict(
+    source: str = typer.Argument(..., help="a volumes-layout (3D) store, or a folder of DICOM series / NIfTI files"),
+    model: Path = typer.Argument(..., help="training run folder (uses best.pt) or a checkpoint file"),
+    out: Path = typer.Argument(..., help="output folder: OUT/<unit>.nii.gz, OUT/predictions.json (OUT/store.zarr)"),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="average the 8 mirrorings (slower, a little better)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    split: Optional[str] = typer.Option(None, help="store only: train, val or test (default: every case)"),
+    key_secret: Optional[str] = typer.Option(None, help="folder only: Prefect Secret block holding the key "
+                                             "(default: $MEDPIPE_DEID_KEY)"),
+    progress: bool = typer.Option(True, help="show ingest progress bars"),
+) -> None:
+    """Segment every case of SOURCE with a 3D model; one NIfTI per case on its source grid, named by pseudonym."""
+    import warnings
+
+    from medpipe.deid import resolve_key
+    from medpipe.predict import PredictionMismatchWarning, load_volume_model, predict_folder, predict_store
+
+    vm = guarded(lambda: load_volume_model(model, device))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PredictionMismatchWarning)
+        if guarded(lambda: _is_store(source)):
+            guarded(lambda: preflight_store(source), user_errors=PATH_ERRORS)
+            summary = guarded(lambda: predict_store(source, vm, out, split=split, tta=tta))
+        else:
+            if split is not None:
+                _fail("--split applies to a store; SOURCE is a folder of images")
+            guarded(lambda: preflight_ingest(source, str(out / "store.zarr"), None), user_errors=PATH_ERRORS)
+            if not key_secret:  # a key in a Prefect Secret block is read by the flow
+                guarded(resolve_key)
+            summary = guarded(lambda: predict_folder(source, vm, out, tta=tta, key_secret=key_secret,
+                                                     show_progress=progress))
+    console.print(f"{len(summary['cases'])} prediction(s) -> {out} (predictions.json)")
+    for item in summary.get("skipped", []):
+        _warn(f"case {item['unit']} not predicted: {item['reason']}")
+    for warning in (summary.get("ingest") or {}).get("warnings", []):
+        _warn(warning)
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, PredictionMismatchWarning):
+            _warn(str(caught_warning.message))
 
 
 @app.command()

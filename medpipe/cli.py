@@ -404,7 +404,14 @@ def predict(
     import warnings
 
     from medpipe.deid import resolve_key
-    from medpipe.predict import PredictionMismatchWarning, load_volume_model, predict_folder, predict_store
+    from medpipe.ingest.pipeline import check_ingest_inputs
+    from medpipe.predict import (
+        PredictionMismatchWarning,
+        ingest_config_for,
+        load_volume_model,
+        predict_folder,
+        predict_store,
+    )
 
     vm = guarded(lambda: load_volume_model(model, device))
     with warnings.catch_warnings(record=True) as caught:
@@ -417,14 +424,16 @@ def predict(
                 _fail("--split applies to a store; SOURCE is a folder of images")
             guarded(lambda: preflight_ingest(source, str(out / "store.zarr"), None), user_errors=PATH_ERRORS)
             if not key_secret:  # a key in a Prefect Secret block is read by the flow
-                guarded(resolve_key)
+                key = guarded(resolve_key)
+                guarded(lambda: check_ingest_inputs(source, str(out / "store.zarr"), ingest_config_for(vm.meta), key),
+                        user_errors=PATH_ERRORS)
             summary = guarded(lambda: predict_folder(source, vm, out, tta=tta, key_secret=key_secret,
                                                      show_progress=progress))
+    if summary.get("ingest"):
+        console.print(f"ingested into {out / 'store.zarr'}: {summary['ingest']['accounting']}")
     console.print(f"{len(summary['cases'])} prediction(s) -> {out} (predictions.json)")
     for item in summary.get("skipped", []):
         _warn(f"case {item['unit']} not predicted: {item['reason']}")
-    for warning in (summary.get("ingest") or {}).get("warnings", []):
-        _warn(warning)
     for caught_warning in caught:
         if issubclass(caught_warning.category, PredictionMismatchWarning):
             _warn(str(caught_warning.message))

@@ -61,8 +61,15 @@ def _sample_images(store_url: str, indices: np.ndarray) -> np.ndarray:
 def evaluate_checkpoint(store_url: str, model_path: str | Path, out_dir: str | Path, *, split: str = "test",
                         n_boot: int = 1000, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Evaluate a checkpoint on `split` of the store it was trained on, beside simple baselines (same cases,
-    metrics and bootstrap resamples); writes metrics.json (with a "baselines" section), PNGs and report.html."""
+    metrics and bootstrap resamples); writes metrics.json (with a "baselines" section), PNGs and report.html.
+    A volumes-layout store is evaluated on whole volumes in each case's source grid (`evaluate_volumes`)."""
     from medpipe.training.engine import predict
+    from medpipe.volumes import store_layout
+
+    if store_layout(store_attrs(store_url)) == "volumes":
+        from medpipe.evaluation.volume_eval import evaluate_volumes
+
+        return evaluate_volumes(store_url, model_path, out_dir, split=split, n_boot=n_boot, device=device, seed=seed)
 
     model, meta, checkpoint, run_dir, attrs = load_checked_model(store_url, model_path)
     task = Task(meta["task"])

@@ -13,7 +13,7 @@ import datetime as _dt
 import html
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +22,8 @@ import numpy as np
 
 from medpipe.task import Task
 
-__all__ = ["baseline_table", "headline", "markdown_summary", "network_vs_baselines", "to_jsonable", "write_report"]
+__all__ = ["baseline_table", "case_sections", "headline", "markdown_summary", "network_vs_baselines", "to_jsonable",
+           "write_report"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -111,6 +112,8 @@ def _headline_items(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
              f"how well the model's scores rank positive cases above negative ones "
              f"(0.5 = chance, 1.0 = perfect; {metrics.get('auroc_average', '')})"),
         ]
+    if metrics.get("layout") == "volumes":
+        return _volume_headline_items(metrics)
     units = metrics.get("hd95_units", "voxels")
     return [
         ("Mean Dice", _with_ci(metrics, "dice_mean"),
@@ -119,6 +122,20 @@ def _headline_items(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Mean HD95", _with_ci(metrics, "hd95_mean", 1),
          f"95th-percentile distance between predicted and reference boundaries, in {units} (lower is better); "
          f"{metrics.get('hd95_excluded', 0)} case(s) with an empty mask excluded"),
+    ]
+
+
+def _volume_headline_items(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Headline of a whole-volume (source grid) evaluation: Dice, HD95 in mm and surface Dice."""
+    tolerance = float(metrics.get("tolerance_mm", 2.0))
+    return [
+        ("Mean Dice", _with_ci(metrics, "dice_mean"),
+         "overlap between predicted and reference outlines, on each case's original voxels (0 = none, 1 = identical)"),
+        ("Mean HD95", _with_ci(metrics, "hd95_mean", 1),
+         f"95th-percentile distance between predicted and reference boundaries, in mm (lower is better); "
+         f"{metrics.get('hd95_excluded', 0)} case(s) with an empty mask excluded"),
+        ("Mean surface Dice", _with_ci(metrics, "surface_dice_mean"),
+         f"share of both boundaries lying within {tolerance:g} mm of the other (0 = none, 1 = all)"),
     ]
 
 
@@ -209,6 +226,13 @@ def _per_class_table(metrics: Mapping[str, Any]) -> str:
             f"<tr><td class='l'>{_e(name)}</td><td>{_e(pc.get('support'))}</td><td>{_num(pc.get('precision'), 3)}</td>"
             f"<td>{_num(pc.get('recall'), 3)}</td><td>{_num(pc.get('f1'), 3)}</td><td>{_num(pc.get('auroc'), 3)}</td></tr>"
             for name, pc in pcs.items())
+    elif metrics.get("layout") == "volumes":
+        keys = _metric_keys(metrics)
+        head = "<tr><th class='l'>label</th>" + "".join(f"<th>{_e(label)}</th>" for _, label, _ in keys) + \
+            "<th>HD95 excluded</th></tr>"
+        body = "".join(f"<tr><td class='l'>{_e(name)}</td>" + "".join(f"<td>{_num(pc.get(key), 3)}</td>" for key, _, _
+                                                                    in keys) + f"<td>{_e(pc.get('hd95_excluded'))}</td></tr>"
+                       for name, pc in pcs.items())
     else:
         head = "<tr><th class='l'>label</th><th>mean Dice</th><th>mean IoU</th><th>mean HD95</th>" \
                "<th>HD95 excluded</th></tr>"
@@ -265,6 +289,9 @@ _PRIMARY = {Task.classify: ("auroc", "AUROC"), Task.segment: ("dice_mean", "mean
 def _metric_keys(metrics: Mapping[str, Any]) -> list[tuple[str, str, int]]:
     if metrics.get("task") == Task.classify:
         return [("accuracy", "Accuracy", 2), ("f1_macro", "Macro F1", 2), ("auroc", "AUROC", 2)]
+    if metrics.get("layout") == "volumes":
+        return [("dice_mean", "Mean Dice", 2), ("hd95_mean", "Mean HD95 (mm)", 1),
+                ("surface_dice_mean", f"Mean surface Dice ({float(metrics.get('tolerance_mm', 2.0)):g} mm)", 2)]
     units = metrics.get("hd95_units", "voxels")
     return [("dice_mean", "Mean Dice", 2), ("iou_mean", "Mean IoU", 2), ("hd95_mean", f"Mean HD95 ({units})", 1)]
 
@@ -337,6 +364,39 @@ def _baselines_html(metrics: Mapping[str, Any], baselines: Mapping[str, Any]) ->
             f"<ul>{''.join(items)}</ul>"]
 
 
+_CASE_COLUMNS = (("dice", "Dice", 3), ("hd95_mm", "HD95 (mm)", 1), ("surface_dice", "surface Dice", 3),
+                 ("volume_true_ml", "reference (ml)", 2), ("volume_pred_ml", "predicted (ml)", 2),
+                 ("otsu_dice", "Otsu Dice", 3))
+
+
+def case_sections(out_dir: str | Path, cases: Sequence[Mapping[str, Any]]) -> list[str]:
+    """HTML sections of a whole-volume evaluation: the per-case table (one row per case and label) and each case's
+    3-plane overlay (``case["overlay"]``, a PNG path relative to ``out_dir``). Patients appear as numbers in order of
+    appearance (their pseudonyms are in metrics.json and per_case.csv only)."""
+    patients: dict[str, int] = {}
+    head = ("<tr><th>#</th><th class='l'>case (unit pseudonym)</th><th>patient</th><th>label</th>" +
+            "".join(f"<th>{_e(title)}</th>" for _, title, _ in _CASE_COLUMNS) + "</tr>")
+    body, figures = [], []
+    for row in cases:
+        patient = patients.setdefault(str(row.get("patient")), len(patients) + 1)
+        for label, values in (row.get("per_label") or {}).items():
+            body.append(f"<tr><td>{_e(row.get('case'))}</td><td class='l'><code>{_e(row.get('unit'))}</code></td>"
+                        f"<td>{patient}</td><td>{_e(label)}</td>" +
+                        "".join(f"<td>{_num(values.get(key), digits)}</td>" for key, _, digits in _CASE_COLUMNS) +
+                        "</tr>")
+        if row.get("overlay"):
+            figures.append(f"<h3>Case #{_e(row.get('case'))}</h3>" +
+                           _img(str(Path(out_dir) / str(row["overlay"])), f"case {row.get('case')} overlays"))
+    shown = len(figures)
+    return ["<h2>Results per case</h2>",
+            "<p>Each case scored in its own original voxel grid; HD95 n/a = a mask is empty. The prediction of a case "
+            "is <code>predictions/&lt;unit&gt;.nii.gz</code>; patients are numbered within this report.</p>",
+            f"<table>{head}{''.join(body)}</table>",
+            "<h2>Cases: axial, coronal and sagittal slices</h2>",
+            f"<p>Slices through the centre of the reference lesion; green = reference, red = model "
+            f"({shown} of {len(cases)} cases shown).</p>", *figures]
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -347,6 +407,7 @@ def write_report(
     model_info: dict[str, Any],
     data_info: dict[str, Any],
     baselines: Mapping[str, Any] | None = None,
+    cases: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``metrics.json`` and a self-contained ``report.html`` into ``out_dir``; return the HTML path.
 
@@ -355,7 +416,9 @@ def write_report(
     ``content_hash``, ``split`` ...; ``model_info`` may hold ``architecture``, ``code_version``, ``config`` ...
     ``baselines`` ({name: entry} from :mod:`medpipe.evaluation.baselines`) adds a "baselines" section to
     metrics.json and a "Model vs baselines" table near the top of the report. ``task`` must be a
-    :class:`~medpipe.task.Task` value ("classify" / "segment").
+    :class:`~medpipe.task.Task` value ("classify" / "segment"). ``cases`` (whole-volume evaluations) adds the
+    per-case table and overlays (:func:`case_sections`) in place of the sample panel, and a "cases" list to
+    metrics.json.
     """
     task = Task(task)
     out = Path(out_dir)
@@ -364,11 +427,13 @@ def write_report(
     metrics["task"] = task
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    payload = {"title": title, "task": task, "generated_utc": generated, "metrics": metrics,
+    payload: dict[str, Any] = {"title": title, "task": task, "generated_utc": generated, "metrics": metrics,
                "model_info": model_info, "data_info": data_info,
                "plots": {k: Path(v).name for k, v in plots.items() if v}}
     if baselines is not None:
         payload["baselines"] = baselines
+    if cases is not None:
+        payload["cases"] = list(cases)
     (out / "metrics.json").write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
 
     cohort = _cohort(metrics, data_info)
@@ -396,9 +461,12 @@ def write_report(
                      _img(plots.get("roc"), "ROC curves")]
     sections += ["<h2>Training curves</h2>",
                  "<p>Loss and validation metrics per epoch. Validation loss rising while training loss keeps "
-                 "falling suggests over-fitting.</p>", _img(plots.get("training_curves"), "training curves"),
-                 "<h2>Sample predictions</h2>",
-                 "<p>A few test cases, numbered in display order only.</p>", _img(plots.get("samples"), "sample predictions")]
+                 "falling suggests over-fitting.</p>", _img(plots.get("training_curves"), "training curves")]
+    if cases is not None:
+        sections += case_sections(out, cases)
+    else:
+        sections += ["<h2>Sample predictions</h2>", "<p>A few test cases, numbered in display order only.</p>",
+                     _img(plots.get("samples"), "sample predictions")]
     if task == Task.classify or plots.get("gradcam"):
         sections += ["<h2>Grad-CAM</h2>",
                      "<p>Grad-CAM highlights the image regions that most increased the score of the predicted class "

@@ -104,6 +104,9 @@ class IngestConfig(_Section):
     max_image_bytes: int = Field(
         default=4 << 30, ge=1 << 20, description="largest decoded image (bytes, from its header) medpipe decodes; "
         "larger files are quarantined as too_large before decoding (also capped at 1/4 of a Dask worker's memory)")
+    nifti_modality: Literal["CT", "MR", "PT", "NM", "US", "OT"] = Field(
+        default="MR", description="modality of NIfTI files (they record none): chooses the intensity normalisation "
+        "(CT: dataset percentiles in HU; MR: per image). DICOM files use their header's Modality")
     patient_folder_depth: int | None = Field(
         default=None, ge=1, description="non-DICOM files without a manifest patient_id: how many leading folders of "
         "the path name the patient (1 for PATIENT/study/file); None = auto (see docs/store.md)")

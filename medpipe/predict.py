@@ -196,8 +196,8 @@ def preprocessing_warnings(attrs: Mapping[str, Any], meta: Mapping[str, Any], mo
     other = sorted(set(modalities) - fixed)
     if fixed and other:
         out.append(f"cases of modality {', '.join(other)} were normalised per image, but the model was trained on "
-                   f"{', '.join(sorted(fixed))} with fixed statistics (NIfTI files carry no modality and are read "
-                   "as MR): predictions may be poor")
+                   f"{', '.join(sorted(fixed))} with fixed statistics (NIfTI files carry no modality: they are read as "
+                   "the ingest config's nifti_modality): predictions may be poor")
     return out
 
 
@@ -248,6 +248,9 @@ def _split_name(code: int) -> str:
     return next((name for name, c in SPLIT_CODES.items() if c == code), "excluded")
 
 
+NIFTI_MODALITIES = ("CT", "MR", "PT", "NM", "US", "OT")
+
+
 def ingest_config_for(meta: Mapping[str, Any]) -> IngestConfig:
     """An ingest config that prepares new studies as the checkpoint's training store was prepared: 3D volumes at
     its training spacing, its plan's patch and topology, its normalisation statistics and channel count."""
@@ -259,7 +262,9 @@ def ingest_config_for(meta: Mapping[str, Any]) -> IngestConfig:
         "kind": "3d", "layout": "volumes", "channels": channels, "shape": [int(v) for v in plan["patch_size"]],
         "target_spacing": [float(v) for v in meta["training_spacing"]],
         "plan": {k: plan[k] for k in PLAN_OVERRIDES if k in plan}, "normalization": dict(meta["normalization"])})
-    return IngestConfig(preprocess=preprocess)
+    modalities = sorted(m for m in (meta.get("normalization") or {}) if m in NIFTI_MODALITIES)
+    # NIfTI records no modality: a model trained on one modality reads new NIfTI studies as that modality
+    return IngestConfig(preprocess=preprocess, **({"nifti_modality": modalities[0]} if len(modalities) == 1 else {}))
 
 
 def predict_folder(source: str, model: VolumeModel | str | Path, out: str | Path, tta: bool = False,

@@ -97,6 +97,9 @@ def test_predict_a_nifti_folder_ingests_with_the_checkpoint_preprocessing(prefec
 
 def test_ingest_config_follows_the_checkpoint(run_dir):
     meta = load_volume_model(run_dir, "cpu").meta
+    ct_only = {**meta, "normalization": {"CT": meta["normalization"]["CT"]}}
+    assert ingest_config_for(ct_only).nifti_modality == "CT"  # new NIfTI studies are normalised as the CT was
+    assert ingest_config_for({**meta, "normalization": {"CT": None, "MR": None}}).nifti_modality == "MR"  # ambiguous
     config = ingest_config_for(meta).preprocess
     assert config.effective_layout() == "volumes" and config.kind == "3d" and config.channels == 1
     assert list(config.target_spacing or ()) == list(meta["training_spacing"])

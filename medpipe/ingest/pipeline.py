@@ -145,7 +145,7 @@ def plan_ingest(run: IngestRun, scan_records: list[ScanRecord], digests: dict[in
                 key: DeidKey) -> tuple[UnitPlan, dict[str, str]]:
     """Units to archive (with per-unit input tags for skip-on-rerun) and the pre-decode quarantine."""
     plan = plan_units(scan_records, run.listing.paths, run.manifest, Pseudonymizer(key), digests,
-                      run.config.patient_folder_depth)
+                      run.config.patient_folder_depth, run.config.nifti_modality)
     tag = run_tag(run.config.store, run.key_identity)
     tags = {u.id: unit_input_tag(u, run.listing.sizes, run.listing.stamps, tag) for u in plan.units}
     return plan, tags

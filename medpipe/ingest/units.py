@@ -112,7 +112,8 @@ def _series_candidates(recs: list[ScanRecord]) -> list[_Candidate]:
 
 
 def plan_units(records: list[ScanRecord], paths: tuple[str, ...], manifest: Manifest, pseudonyms: Pseudonymizer,
-               digests: dict[int, str | None] | None = None, patient_depth: int | None = None) -> UnitPlan:
+               digests: dict[int, str | None] | None = None, patient_depth: int | None = None,
+               nifti_modality: str = "MR") -> UnitPlan:
     """Group scan records into units; attach manifest labels/masks and patients; settle duplicate instances.
 
     `digests` maps the listing index of every file in a `sop_groups` group to a digest of its decoded pixels
@@ -185,7 +186,7 @@ def plan_units(records: list[ScanRecord], paths: tuple[str, ...], manifest: Mani
             study, series, modality = first.dicom.study, first.dicom.series, first.dicom.modality
         else:
             study = series = pseudonyms.uid(f"folder:{dirname(files[0])}")
-            modality = "OT" if cand.kind is UnitKind.raster else "MR"
+            modality = "OT" if cand.kind is UnitKind.raster else nifti_modality
         frames_tag = "" if cand.frames is None else "#frames:" + ",".join(map(str, cand.frames))
         unit_id = pseudonyms.path("\n".join(files) + frames_tag) + (f"-{cand.acquisition}" if cand.acquisition else "")
         notes = cand.notes + tuple(n for r in cand.records for n in collision_notes.get(r.index, ()))

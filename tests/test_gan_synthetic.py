@@ -1,0 +1,52 @@
+"""The synthetic/ group: same shape and dtype as training/, provenance, refuses other data, leaves real data alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medpipe.gan.synthetic import (Provenance, SyntheticSetError, check_synthetic_current, read_synthetic,
+                                   synthetic_provenance, write_synthetic)
+from medpipe.store import content_hash, open_store, store_attrs
+from training_store import make_2d_store
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return make_2d_store(str(tmp_path / "s.zarr"), n=32, size=16)
+
+
+def _provenance(store: str, **changes) -> Provenance:
+    attrs = store_attrs(store)
+    data = dict(generator_sha256="ab" * 32, generator_epoch=3, trained_on_content_hash=attrs["content_hash"], seed=7,
+                n_per_class=4, classes=list(attrs["classes"]), sample_shape=list(attrs["sample_shape"]))
+    return Provenance(**{**data, **changes})
+
+
+def test_write_and_read_back_with_provenance(store):
+    root_hash = content_hash(open_store(store))
+    images = np.random.default_rng(0).random((8, 1, 16, 16)).astype(np.float32)
+    labels = np.repeat([0, 1], 4)
+    assert synthetic_provenance(store) is None
+    write_synthetic(store, images, labels, np.full(8, 7), _provenance(store))
+    got, got_labels, provenance = read_synthetic(store)
+    np.testing.assert_array_equal(got, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert provenance["generator_sha256"] == "ab" * 32 and provenance["seed"] == 7 and provenance["created_at"]
+    assert content_hash(open_store(store)) == root_hash  # the real data and its hash are untouched
+
+
+def test_refuses_other_shapes_and_other_data(store):
+    images = np.zeros((2, 1, 8, 8), np.float32)
+    with pytest.raises(SyntheticSetError, match="shape"):
+        write_synthetic(store, images, np.zeros(2), np.zeros(2), _provenance(store))
+    ok = np.zeros((2, 1, 16, 16), np.float32)
+    with pytest.raises(SyntheticSetError, match="other data"):
+        write_synthetic(store, ok, np.zeros(2), np.zeros(2), _provenance(store, trained_on_content_hash="0" * 64))
+    with pytest.raises(SyntheticSetError, match="no synthetic"):
+        check_synthetic_current(store)
+    write_synthetic(store, ok, np.zeros(2), np.zeros(2), _provenance(store))
+    root = open_store(store, mode="a")
+    root.attrs["medpipe"] = {**store_attrs(store), "content_hash": "f" * 64}  # the store was re-ingested
+    with pytest.raises(SyntheticSetError, match="other data"):
+        read_synthetic(store)

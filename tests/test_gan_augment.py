@@ -1,0 +1,70 @@
+"""`augment_store`: GAN -> samples -> quality -> memorisation gate -> synthetic/ with provenance (or nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medpipe.gan.augment import AugmentConfig, MemorisationGateError, augment_store, split_images
+from medpipe.gan.config import GanConfig
+from medpipe.gan.synthetic import read_synthetic, synthetic_provenance
+from medpipe.store import content_hash, open_store
+from training_store import make_2d_store
+
+TINY = AugmentConfig(gan=GanConfig(epochs=2, width=8, latent_dim=16, batch_size=16, device="cpu"),
+                     n_per_class=12, seed=3, classifier_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads only contend on 2 cores
+    try:
+        tmp = tmp_path_factory.mktemp("augment")
+        store = make_2d_store(str(tmp / "s.zarr"), n=96, size=16)
+        before = content_hash(open_store(store))
+        result = augment_store(store, tmp / "out", TINY)
+        yield store, result, before, tmp
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_publishes_samples_with_provenance_and_leaves_real_data_alone(augmented):
+    store, result, before, _ = augmented
+    assert result.published and result.n_samples == 24
+    images, labels, provenance = read_synthetic(store)
+    train, _ = split_images(store, "train")
+    assert images.shape == (24, *train.shape[1:]) and images.dtype == np.float32
+    assert train.min() - 1e-6 <= images.min() and images.max() <= train.max() + 1e-6  # the store's value range
+    assert sorted(np.bincount(labels).tolist()) == [12, 12]
+    assert provenance["seed"] == 3 and provenance["n_per_class"] == 12 and len(provenance["generator_sha256"]) == 64
+    assert provenance["trained_on_content_hash"] == before == content_hash(open_store(store))
+    report = json.loads(result.report.read_text())
+    assert np.isfinite(report["quality"]["frechet_distance"]["fake"])
+    assert report["memorisation"]["gate"]["passed"] and (result.out_dir / "samples.png").stat().st_size > 0
+
+
+def test_same_seed_same_samples(augmented):
+    store, result, _, tmp = augmented
+    first, _, _ = read_synthetic(store)
+    augment_store(store, tmp / "again", TINY, generator=result.generator, classifier=result.classifier)
+    again, _, _ = read_synthetic(store)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_a_generator_that_copies_training_images_is_not_published(augmented, monkeypatch):
+    store, result, _, tmp = augmented
+    before = synthetic_provenance(store)
+    train, train_labels = split_images(store, "train")
+
+    def copying(checkpoint, n_per_class, seed, device="cpu"):
+        return train[:24].copy(), train_labels[:24].copy()
+
+    monkeypatch.setattr("medpipe.gan.augment.generate", copying)
+    with pytest.raises(MemorisationGateError, match="not written"):
+        augment_store(store, tmp / "copy", TINY, generator=result.generator, classifier=result.classifier)
+    assert synthetic_provenance(store) == before  # the published set is unchanged
+    assert (tmp / "copy" / "memorisation.png").exists()

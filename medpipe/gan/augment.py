@@ -28,6 +28,7 @@ from medpipe.gan.quality import feature_extractor, quality_report
 from medpipe.gan.sampling import check_generator_matches_store, generate, load_generator, save_sample_grid
 from medpipe.gan.synthetic import Provenance, file_sha256, write_synthetic
 from medpipe.store import SPLIT_CODES, get_array, open_store, store_attrs
+from medpipe.task import Task
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -80,7 +81,7 @@ def train_feature_classifier(store_url: str, out_dir: Path, epochs: int, seed: i
     from medpipe.training.config import TrainConfig
     from medpipe.training.engine import train
 
-    result = train(store_url, out_dir, TrainConfig(task="classify", model="small-cnn", epochs=epochs, seed=seed),
+    result = train(store_url, out_dir, TrainConfig(task=Task.classify, model="small-cnn", epochs=epochs, seed=seed),
                    progress=False, overwrite=True)
     return Path(result.best_path)
 
@@ -124,10 +125,12 @@ def augment_store(store_url: str, out_dir: str | Path, config: AugmentConfig | N
     save_sample_grid(_grid_rows(fake, fake_labels, facts["num_classes"]), facts["classes"], meta["intensity"],
                      out / "samples.png", title=f"synthetic samples (seed {config.seed})")
     published = bool(memo["gate"]["passed"] or config.publish_failing)
-    summary = {"store_content_hash": store_attrs(store_url).get("content_hash"), "generator": str(generator),
-               "generator_sha256": file_sha256(generator), "classifier": str(classifier),
-               "n_per_class": config.n_per_class, "seed": config.seed, "published": published,
-               "quality": quality, "memorisation": _memo_summary(memo)}
+    generator_sha = file_sha256(generator)
+    memo_summary = _memo_summary(memo)
+    summary: dict[str, Any] = {
+        "store_content_hash": store_attrs(store_url).get("content_hash"), "generator": str(generator),
+        "generator_sha256": generator_sha, "classifier": str(classifier), "n_per_class": config.n_per_class,
+        "seed": config.seed, "published": published, "quality": quality, "memorisation": memo_summary}
     report = out / "augment_report.json"
     report.write_text(json.dumps(summary, indent=1, default=_json_default))
     if not published:
@@ -136,12 +139,11 @@ def augment_store(store_url: str, out_dir: str | Path, config: AugmentConfig | N
             f"training image than any held-out image; allowed {memo['gate']['max_flagged_fraction']:.1%}): not "
             f"written; see {out / 'memorisation.png'}")
     write_synthetic(store_url, fake, fake_labels, np.full(len(fake), config.seed), Provenance(
-        generator_sha256=summary["generator_sha256"], generator_epoch=int(meta["epoch"]),
+        generator_sha256=generator_sha, generator_epoch=int(meta["epoch"]),
         trained_on_content_hash=str(meta["store_content_hash"]), seed=config.seed, n_per_class=config.n_per_class,
         classes=list(facts["classes"]), sample_shape=list(facts["sample_shape"]),
-        quality=_quality_summary(quality), memorisation=summary["memorisation"]))
-    return AugmentResult(out, Path(generator), Path(classifier), report, published, len(fake), quality,
-                         summary["memorisation"])
+        quality=_quality_summary(quality), memorisation=memo_summary))
+    return AugmentResult(out, Path(generator), Path(classifier), report, published, len(fake), quality, memo_summary)
 
 
 def _grid_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 8) -> np.ndarray:

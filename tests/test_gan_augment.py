@@ -68,3 +68,24 @@ def test_a_generator_that_copies_training_images_is_not_published(augmented, mon
         augment_store(store, tmp / "copy", TINY, generator=result.generator, classifier=result.classifier)
     assert synthetic_provenance(store) == before  # the published set is unchanged
     assert (tmp / "copy" / "memorisation.png").exists()
+
+
+def test_cli_augment_runs_the_flow_and_refuses_bad_stores_in_one_line(prefect_api, tmp_path):
+    from typer.testing import CliRunner
+
+    from medpipe.cli import app
+
+    runner = CliRunner()
+    store = make_2d_store(str(tmp_path / "cli.zarr"), n=64, size=16)
+    config = tmp_path / "augment.yaml"
+    config.write_text("augment:\n  classifier_epochs: 1\n  gan:\n    latent_dim: 16\n    batch_size: 16\n")
+    result = runner.invoke(app, ["augment", store, "--out", str(tmp_path / "run"), "-c", str(config), "--epochs",
+                                 "1", "--width", "8", "--n-per-class", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "16 synthetic samples" in result.output and synthetic_provenance(store)["n_per_class"] == 8
+    unlabelled = make_2d_store(str(tmp_path / "unlabelled.zarr"), n=32, size=16)
+    root = open_store(unlabelled, mode="a")
+    root["training/labels"][...] = -1
+    bad = runner.invoke(app, ["augment", unlabelled, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+    assert bad.exit_code == 2 and "labels" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert synthetic_provenance(unlabelled) is None

@@ -76,7 +76,7 @@ def split_images(store_url: str, split: str | tuple[str, ...]) -> tuple[np.ndarr
             np.zeros((0, *images.shape[1:]), np.float32)), labels[rows]
 
 
-def train_feature_classifier(store_url: str, out_dir: Path, epochs: int, seed: int) -> Path:
+def train_feature_classifier(store_url: str, out_dir: str | Path, epochs: int, seed: int) -> Path:
     """A small-cnn classifier on the real train split (val selects the epoch): the quality feature space."""
     from medpipe.training.config import TrainConfig
     from medpipe.training.engine import train

@@ -1,0 +1,48 @@
+"""Thin Prefect tasks over medpipe.gan: train the GAN, train the feature classifier, publish a synthetic set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from medpipe.gan.augment import AugmentConfig
+
+TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="train-gan", **TASK)
+def train_gan_task(store: str, out_dir: str, config: AugmentConfig, resume: bool) -> str:
+    """Train the conditional GAN on STORE's train split; logs each epoch's losses; returns last.pt's path."""
+    from medpipe.gan.train import train_gan
+
+    logger = get_run_logger()
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        logger.info("GAN epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                          if isinstance(v, float)))
+
+    result = train_gan(store, out_dir, config.gan, resume=resume, overwrite=not resume, on_epoch_end=log_epoch)
+    return str(result.last_path)
+
+
+@task(name="train-feature-classifier", **TASK)
+def train_feature_classifier_task(store: str, out_dir: str, config: AugmentConfig) -> str:
+    """The real-only classifier whose penultimate layer is the quality feature space; returns best.pt's path."""
+    from medpipe.gan.augment import train_feature_classifier
+
+    return str(train_feature_classifier(store, out_dir, config.classifier_epochs, config.seed))
+
+
+@task(name="generate-measure-publish", **TASK)
+def publish_synthetic_task(store: str, out_dir: str, config: AugmentConfig, generator: str,
+                           classifier: str) -> dict[str, Any]:
+    """Generate, measure quality and memorisation, publish when the gate passes; returns paths and numbers."""
+    from medpipe.gan.augment import augment_store
+
+    result = augment_store(store, out_dir, config, generator=generator, classifier=classifier)
+    return {"out_dir": str(result.out_dir), "report": str(result.report), "generator": str(result.generator),
+            "published": result.published, "n_samples": result.n_samples,
+            "frechet_distance": result.quality["frechet_distance"], "prdc": result.quality["prdc"],
+            "memorisation": result.memorisation}

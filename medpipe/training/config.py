@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from medpipe.config import _Section
 from medpipe.task import Task
+
+PLAN_MODEL = "plan-unet"  # built from a volumes store's segmentation plan (models.build_plan_unet)
+VOLUME_EPOCHS = 12  # default epochs on a volumes store (docs/training.md, "3D segmentation on patches")
+VOLUME_PATCHES_PER_EPOCH = 16  # default patches per epoch on a volumes store (same measurement)
 
 # Fields that may differ between a run and its resumption: they change speed or where it runs, not the result.
 RUNTIME_FIELDS = frozenset({"num_workers", "cache", "cache_max_bytes", "amp", "channels_last", "compile", "device",
@@ -18,10 +22,26 @@ class TrainConfig(_Section):
     """How `medpipe train` trains a model on a store. Defaults reach the demo quality bars in minutes on CPU."""
 
     task: Task = Field(default=Task.classify, description="classify or segment (YAML/CLI give the string)")
-    model: str = Field(default="auto", description="registry name; auto = small-cnn (classify) / small-unet (segment)")
-    epochs: int | None = Field(default=None, ge=1, description="maximum epochs; None = 20 (classify) / 40 (segment), "
-                               "chosen on the val split of the demo (docs/training.md)")
-    batch_size: int | None = Field(default=None, ge=1, description="None = 32 (classify) / 4 (segment)")
+    model: str = Field(default="auto", description="registry name; auto = small-cnn (classify) / small-unet "
+                       "(segment) / plan-unet (segment on a volumes store)")
+    epochs: int | None = Field(default=None, ge=1, description="maximum epochs; None = 20 (classify) / 40 (segment) / "
+                               f"{VOLUME_EPOCHS} (segment on a volumes store), chosen on the val split of the demo "
+                               "(docs/training.md)")
+    batch_size: int | None = Field(default=None, ge=1, description="None = 32 (classify) / 4 (segment) / the plan's "
+                                   "batch size (volumes store)")
+    patch_size: tuple[int, int, int] | None = Field(
+        default=None, description="volumes store: the training patch (z, y, x); None = the store's plan. Given, "
+        "the topology is re-planned for it (each edge divisible by its pooling, docs/planning.md)")
+    plan: dict[str, Any] = Field(
+        default_factory=dict, description="volumes store: overrides of segmentation plan fields (base_features, "
+        "n_stages, strides, ...); re-plans at the store's training spacing, which was fixed at ingest")
+    oversample: float = Field(default=1 / 3, ge=0, le=1, description="volumes store: share of each batch's patches "
+                              "centred on a foreground voxel (nnU-Net: 1/3, the last ones of each batch)")
+    patches_per_epoch: int | None = Field(
+        default=None, ge=1, description=f"volumes store: random patches per epoch, rounded up to whole batches; "
+        f"None = {VOLUME_PATCHES_PER_EPOCH}")
+    deep_supervision: bool = Field(default=False, description="volumes store: nnU-Net deep supervision (loss on "
+                                   "the 1-2 coarser decoder heads too, weights 1, 1/2, 1/4 normalised)")
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     scheduler: Literal["cosine", "onecycle", "none"] = "onecycle"
@@ -44,17 +64,27 @@ class TrainConfig(_Section):
     block_window: int = Field(default=8, ge=1, description="chunk-sized blocks shuffled together per window")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def model_name(self) -> str:
-        """The registry name this config trains (resolves `auto`)."""
+    def model_name(self, layout: str = "fixed") -> str:
+        """The registry name this config trains on a store of `layout` ("fixed" or "volumes"; resolves `auto`)."""
         if self.model != "auto":
             return self.model
+        if layout == "volumes":
+            return PLAN_MODEL
         return "small-cnn" if self.task is Task.classify else "small-unet"
 
-    def effective_epochs(self) -> int:
-        """Maximum epochs (resolves None)."""
+    def effective_epochs(self, layout: str = "fixed") -> int:
+        """Maximum epochs on a store of `layout` (resolves None)."""
         if self.epochs is not None:
             return self.epochs
+        if layout == "volumes":
+            return VOLUME_EPOCHS
         return 20 if self.task is Task.classify else 40
+
+    def effective_patches_per_epoch(self, batch_size: int) -> int:
+        """Patches per epoch on a volumes store: `patches_per_epoch` (or the default) rounded up to whole batches
+        of `batch_size`, so that every batch holds its foreground share."""
+        wanted = self.patches_per_epoch or VOLUME_PATCHES_PER_EPOCH
+        return -(-wanted // batch_size) * batch_size
 
     def effective_batch_size(self) -> int:
         """Batch size (resolves None: volumes for segmentation are large, so fewer per batch)."""

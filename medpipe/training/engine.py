@@ -20,11 +20,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, cast
 
 import numpy as np
 import torch
+import zarr
 from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,14 +35,16 @@ from tqdm.auto import tqdm
 from medpipe import __version__
 from medpipe.evaluation.metrics import classification_metrics, mean_foreground_dice
 from medpipe.store import ATTRS_KEY, SPLIT_CODES, attrs_of, get_array, get_group
+from medpipe.volumes import store_layout
 from medpipe.task import Task
 from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, MissingLabelsError,
                               StoreNotCompleteError, TrainingError, as_task)
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
-from medpipe.training.config import RUNTIME_FIELDS, TrainConfig
+from medpipe.training.config import PLAN_MODEL, RUNTIME_FIELDS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
                                    open_group, seed_worker, worker_context)
 from medpipe.training.models import build_model, model_task
+from medpipe.training.patches import PatchDataset
 from medpipe.training.selection import improved, monitor_key
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -73,15 +77,21 @@ class TrainResult:
 
 
 # -- store checks ------------------------------------------------------------------------------------------------
-def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate the store for the task; returns its attrs plus num_outputs."""
-    root = open_group(store_url, storage_options)
+def _complete_attrs(root: zarr.Group, store_url: str) -> dict[str, Any]:
+    """The medpipe attributes of a store; StoreNotCompleteError when it is not a medpipe store or unfinished."""
     attrs = attrs_of(root)
     if not attrs:
         raise StoreNotCompleteError(f"{store_url} is not a medpipe store (no '{ATTRS_KEY}' attributes)")
     if not attrs.get("complete"):
         raise StoreNotCompleteError(f"{store_url} is not complete: ingestion was interrupted or is still running; "
                                     "finish it (rerun `medpipe ingest`, it resumes) before training")
+    return attrs
+
+
+def _store_facts(store_url: str, config: TrainConfig, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate the store for the task; returns its attrs plus num_outputs."""
+    root = open_group(store_url, storage_options)
+    attrs = _complete_attrs(root, store_url)
     if "training" not in root or "images" not in get_group(root, "training") or "samples" not in root:
         raise StoreNotCompleteError(f"{store_url} has no training arrays or sample table")
     split = np.asarray(get_array(root, "samples/split")[...])
@@ -128,10 +138,15 @@ def check_training_inputs(store_url: str, config: TrainConfig, out_dir: str | Pa
                           resume: bool = False, overwrite: bool = False,
                           storage_options: dict[str, Any] | None = None) -> None:
     """Raise a TrainingError now (before any flow starts) for an unknown model, a store unfit for the task or a
-    run folder that holds checkpoints already."""
-    if config.task not in model_task(config.model_name()):
-        raise TrainingError(f"model {config.model_name()!r} does not do {config.task!r}")
-    _store_facts(store_url, config, storage_options)
+    run folder that holds checkpoints already (volumes stores: also a PlanningError for a plan override)."""
+    layout = store_layout_of(store_url, storage_options)
+    if layout == "volumes":
+        from medpipe.training.patch_training import check_volume_inputs
+
+        check_volume_inputs(store_url, config, storage_options)
+    else:
+        _check_model(config, layout)
+        _store_facts(store_url, config, storage_options)
     if out_dir is not None and not resume and not overwrite and (Path(out_dir) / "last.pt").exists():
         raise CheckpointExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue that run or "
                                     "--overwrite to discard it")
@@ -211,9 +226,11 @@ def _loader(ds: ZarrImageDataset, config: TrainConfig, batch_size: int, shuffle:
 
 def _start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make an epoch's order and augmentations a function of (seed, epoch) only, so a resumed run repeats them."""
-    cast(BlockShuffleSampler, loader.batch_sampler).set_epoch(epoch)  # _loader builds these loaders
+    for part in (loader.batch_sampler, loader.dataset):  # _loader's sampler, or a PatchDataset
+        if isinstance(part, (BlockShuffleSampler, PatchDataset)):
+            part.set_epoch(epoch)
     loader.generator.manual_seed(seed * 100_003 + epoch)
-    transform = cast(ZarrImageDataset, loader.dataset).transform
+    transform = getattr(loader.dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=(seed * 100_003 + epoch) % (2**32))
 
@@ -311,7 +328,8 @@ def predict(model: nn.Module, store_url: str, split: str = "test", *, task: Task
 
 
 # -- checkpoints / out_dir -------------------------------------------------------------------------------------------
-def _check_resumable(ckpt: dict[str, Any], facts: dict[str, Any], config: TrainConfig, path: Path) -> None:
+def _check_resumable(ckpt: dict[str, Any], facts: dict[str, Any], config: TrainConfig, path: Path,
+                     model_name: str) -> None:
     if ckpt["store_content_hash"] != facts.get("content_hash"):
         raise CheckpointMismatchError(f"{path} was trained on a different store (content hash "
                                       f"{str(ckpt['store_content_hash'])[:12]} vs {str(facts.get('content_hash'))[:12]}); "
@@ -324,7 +342,7 @@ def _check_resumable(ckpt: dict[str, Any], facts: dict[str, Any], config: TrainC
         raise CheckpointMismatchError(f"{path} was made with a different config ({detail}); resume with the same "
                                       "settings or train into a new out_dir")
     for key, have in (("sample_shape", list(facts.get("sample_shape") or [])), ("classes", list(facts.get("classes") or [])),
-                      ("task", config.task.value), ("model_name", config.model_name())):
+                      ("task", config.task.value), ("model_name", model_name)):
         if ckpt[key] != have:  # a loaded "task" is a Task, equal to its value string
             raise CheckpointMismatchError(f"{path} has {key}={ckpt[key]!r} but this run has {have!r}")
 
@@ -357,70 +375,71 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
 
 
 # -- training --------------------------------------------------------------------------------------------------------
-def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None,
-          on_epoch_end: EpochCallback | None = None) -> TrainResult:
-    """Train a model on a store's train split, validate on val each epoch, keep last.pt/best.pt in out_dir.
+def store_layout_of(store_url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """"volumes" or "fixed": the training layout of a store (StoreNotCompleteError when there is no store)."""
+    return store_layout(attrs_of(open_group(store_url, storage_options)))
 
-    best.pt and early stopping read val metrics only (history columns `val_*`); test metrics are computed once,
-    after training, from best.pt. Without a usable val split the run warns (warnings + logger), trains all epochs
-    and best.pt is the last one; without a usable test split `test_metrics` is empty (see `TrainResult`).
-    resume=True continues from out_dir/last.pt (same store and config); overwrite=True discards existing
-    checkpoints. `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint is written."""
-    config = config or TrainConfig()
-    started = time.perf_counter()
-    out = Path(out_dir)
-    model_name = config.model_name()
-    if config.task not in model_task(model_name):  # raises UnknownModelError for unknown names
-        raise TrainingError(f"model {model_name!r} does not do {config.task!r}")
-    facts = _store_facts(store_url, config, storage_options)
+
+def _check_model(config: TrainConfig, layout: str) -> str:
+    """The model name this run trains; TrainingError when it does not do the task or does not fit the layout."""
+    name = config.model_name(layout)
+    if config.task not in model_task(name):  # raises UnknownModelError for unknown names
+        raise TrainingError(f"model {name!r} does not do {config.task!r}")
+    if (name == PLAN_MODEL) != (layout == "volumes"):
+        raise TrainingError(f"model {name!r} does not train on a {layout}-layout store: use model auto"
+                            + ("" if layout == "volumes" else " (or ingest with preprocess.layout: volumes for plan-unet)"))
+    return name
+
+
+def _open_run(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Prepare out_dir (see `_prepare_out_dir`); the checkpoint to resume from, None for a fresh run."""
     _prepare_out_dir(out, resume, overwrite)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    ckpt = load_checkpoint(last_path) if resume else None
-    if ckpt is not None:
-        _check_resumable(ckpt, facts, config, last_path)
+    return load_checkpoint(out / "last.pt") if resume else None
 
-    device = resolve_device(config.device)
-    amp = _amp_dtype(config.amp, device)
-    _seed_everything(config.seed)
-    sample_shape = list(facts["sample_shape"])
-    spatial_dims = len(sample_shape) - 1
-    batch_size = config.effective_batch_size()
-    augment = default_augmentation(config.task, spatial_dims) if config.augment else None
-    common: dict[str, Any] = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
-                  storage_options=storage_options)
-    validation = VALIDATION_ON_VAL
-    if facts["val_empty"] is not None:
-        validation = NO_VALIDATION.format(why=facts["val_empty"])
-        _warn(f"{store_url}: no validation — {validation}. Ingest with a val fraction (split: val) to select "
-              "the model on held-out data")
-    train_ds = ZarrImageDataset(store_url, "train", transform=augment, **common)
-    num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
-    train_loader = _loader(train_ds, config, batch_size, shuffle=True,
-                           drop_last=len(train_ds) > batch_size, device=device)
-    val_loader = None
-    if validation == VALIDATION_ON_VAL:
-        val_ds = ZarrImageDataset(store_url, "val", **common)
-        val_loader = _loader(val_ds, config, batch_size, shuffle=False, drop_last=False, device=device)
-    classes = list(facts.get("classes") or [])
 
-    model = build_model(model_name, config.task, spatial_dims, sample_shape[0], num_outputs).to(device)
-    fmt = _memory_format(len(sample_shape) + 1) if config.channels_last and device.type == "cuda" else None
-    if fmt is not None:
-        # Module.to accepts memory_format at runtime (see its docstring); torch's overload stubs omit it
-        model = model.to(memory_format=fmt)  # type: ignore[call-overload]
-    if config.task is Task.classify:
-        weight = None
-        if config.class_weights:
-            lab = train_ds.labels_all[train_ds.indices]
-            counts = np.bincount(lab[lab >= 0], minlength=num_outputs).astype(np.float64)
-            weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / num_outputs, dtype=torch.float32, device=device)
-        loss_fn: nn.Module = nn.CrossEntropyLoss(weight=weight, ignore_index=-1)
-    else:
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+def _validation_mode(facts: dict[str, Any], store_url: str) -> str:
+    """VALIDATION_ON_VAL, or the NO_VALIDATION reason (warned) when the val split cannot be scored."""
+    if facts["val_empty"] is None:
+        return VALIDATION_ON_VAL
+    validation = NO_VALIDATION.format(why=facts["val_empty"])
+    _warn(f"{store_url}: no validation — {validation}. Ingest with a val fraction (split: val) to select "
+          "the model on held-out data", stacklevel=4)
+    return validation
+
+
+def _run_meta(config: TrainConfig, facts: dict[str, Any], model_name: str, num_outputs: int,
+              validation: str, **extra: Any) -> dict[str, Any]:
+    """Checkpoint entries besides weights and training state (`extra`: layout-specific entries)."""
+    return {"config": config.to_dict(), "store_content_hash": facts.get("content_hash"), "code_version": __version__,
+            "classes": list(facts.get("classes") or []), "sample_shape": list(facts["sample_shape"]),
+            "task": config.task.value, "model_name": model_name, "num_outputs": int(num_outputs),
+            "monitor": config.monitor_name(), "validation": validation, **extra}
+
+
+@dataclass
+class FitJob:
+    """One training run as a loop builds it for `fit`: the model and its data, how to score val and test."""
+
+    store_url: str
+    out: Path
+    config: TrainConfig
+    facts: dict[str, Any]  # store facts: content_hash, test_empty, ...
+    model: nn.Module
+    loss_fn: nn.Module
+    train_loader: DataLoader
+    device: torch.device
+    validate: Callable[[nn.Module, nn.Module], dict[str, float]] | None  # (module, loss) -> val metrics, or None
+    score_test: Callable[[nn.Module], dict[str, float]]  # best.pt's module -> test metrics
+    meta: dict[str, Any]  # `_run_meta`
+    validation: str  # VALIDATION_ON_VAL or the NO_VALIDATION reason
+    epochs: int
+    ckpt: dict[str, Any] | None = None  # last.pt when resuming
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, steps: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    epochs = config.effective_epochs()
-    steps = epochs * max(1, len(train_loader))
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     if config.scheduler == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
@@ -428,6 +447,44 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     else:
         scheduler = None
+    return optimizer, scheduler
+
+
+def _train_epoch(forward: nn.Module, job: FitJob, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, scaler: torch.amp.GradScaler,
+                 amp: torch.dtype | None, fmt: torch.memory_format | None, desc: str, progress: bool) -> float:
+    """One pass over the train loader; the mean training loss per sample."""
+    total, seen = 0.0, 0
+    bar = tqdm(job.train_loader, desc=desc, disable=not progress, leave=False)
+    for batch in bar:
+        x, y = _to_device(batch, job.config.task, job.device, fmt)
+        with torch.autocast(job.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out_t = forward(x)
+        loss = job.loss_fn(out_t.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * x.shape[0]
+        seen += x.shape[0]
+        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+    return total / max(seen, 1)
+
+
+def fit(job: FitJob, progress: bool = True, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """The epoch loop shared by both layouts: train, validate (val only), select best.pt / stop early, write
+    last.pt, metrics.csv and TensorBoard each epoch, then score test once with best.pt and write summary.json."""
+    config, device, model, out = job.config, job.device, job.model, job.out
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    amp = _amp_dtype(config.amp, device)
+    fmt = _memory_format(len(job.meta["sample_shape"]) + 1) if config.channels_last and device.type == "cuda" else None
+    if fmt is not None:
+        # Module.to accepts memory_format at runtime (see its docstring); torch's overload stubs omit it
+        model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    epochs = job.epochs
+    optimizer, scheduler = _optimizer(model, config, epochs * max(1, len(job.train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     # checkpoints keep the uncompiled module's weights; torch.compile of a Module returns a Module (OptimizedModule)
     forward = cast(nn.Module, torch.compile(model)) if config.compile else model
@@ -436,7 +493,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     history: list[dict[str, float]] = []
     best: float | None = None
     best_epoch, bad_epochs, start_epoch, stopped = 0, 0, 0, False
-    if ckpt is not None:
+    if job.ckpt is not None:
+        ckpt = job.ckpt
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -454,41 +512,24 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     if history:  # a resumed run: drop rows written after the checkpoint (a kill mid-epoch)
         _write_metrics_csv(out / "metrics.csv", history)
     writer = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
-    meta = {"config": config.to_dict(), "store_content_hash": facts.get("content_hash"), "code_version": __version__,
-            "classes": classes, "sample_shape": sample_shape, "task": config.task.value,
-            "model_name": model_name, "num_outputs": int(num_outputs), "monitor": monitor, "validation": validation}
+    meta = job.meta
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             if stopped:
                 break
             t0 = time.perf_counter()
             model.train()
-            _start_epoch(train_loader, config.seed, epoch)
-            total, seen = 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-            for batch in bar:
-                x, y = _to_device(batch, config.task, device, fmt)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out_t = forward(x)
-                loss = loss_fn(out_t.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
-                total += float(loss.detach()) * x.shape[0]
-                seen += x.shape[0]
-                bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
-            metrics: dict[str, float] = {"epoch": epoch, "train_loss": total / max(seen, 1)}
-            if val_loader is not None:  # val split only: the monitor never sees train or test samples
-                val = split_metrics(_infer(forward, val_loader, config.task, device, amp, fmt, loss_fn),
-                                    num_outputs, classes, facts["has_mask"])
+            _start_epoch(job.train_loader, config.seed, epoch)
+            train_loss = _train_epoch(forward, job, optimizer, scheduler, scaler, amp, fmt, f"epoch {epoch}/{epochs}",
+                                      progress)
+            metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
+            if job.validate is not None:  # val split only: the monitor never sees train or test samples
+                val = job.validate(forward, job.loss_fn)
                 metrics.update({monitor_key(k): v for k, v in val.items()})
             metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
             history.append(metrics)
             value = metrics.get(monitor_key(monitor), float("nan"))
-            if val_loader is None:  # no model selection: best.pt is simply the latest epoch
+            if job.validate is None:  # no model selection: best.pt is simply the latest epoch
                 best_epoch = epoch
                 save_checkpoint(best_path, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": metrics})
             elif improved(value, best, monitor):
@@ -521,33 +562,105 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     # Test: once, after training, on best.pt; never read by selection or early stopping.
     test_metrics: dict[str, float] = {}
     testing = TEST_ON_TEST
-    if facts["test_empty"] is not None:
-        testing = NO_TEST.format(why=facts["test_empty"])
+    if job.facts["test_empty"] is not None:
+        testing = NO_TEST.format(why=job.facts["test_empty"])
     elif not best_path.exists():
         testing = NO_TEST.format(why="not scored: no best.pt (the val metric was never finite)")
     if testing != TEST_ON_TEST:
-        _warn(f"{store_url}: {testing}")
+        _warn(f"{job.store_url}: {testing}", stacklevel=4)
     else:
         best_ckpt = load_checkpoint(best_path, map_location=device)
         model.load_state_dict(best_ckpt["model"])
-        test_ds = ZarrImageDataset(store_url, "test", **common)
-        test_loader = _loader(test_ds, config, batch_size, shuffle=False, drop_last=False, device=device)
-        test_metrics = split_metrics(_infer(model, test_loader, config.task, device, amp, fmt), num_outputs,
-                                     classes, facts["has_mask"])
+        test_metrics = job.score_test(model)
     result = TrainResult(out_dir=out, best_path=best_path, last_path=last_path,
                          epochs_completed=len(history), best_epoch=best_epoch,
                          best_metric=float("nan") if best is None else best, monitor=monitor, stopped_early=stopped,
                          device=str(device), history=history, test_metrics=test_metrics,
-                         seconds=time.perf_counter() - started, validation=validation, testing=testing)
+                         seconds=time.perf_counter() - job.started, validation=job.validation, testing=testing)
     (out / "summary.json").write_text(json.dumps({
         "epochs_completed": result.epochs_completed, "best_epoch": best_epoch, "best_metric": result.best_metric,
         "monitor": monitor, "stopped_early": stopped, "device": str(device), "test_metrics": test_metrics,
-        "validation": validation, "testing": testing,
-        "config": config.to_dict(), "store_content_hash": facts.get("content_hash")}, indent=1))
+        "validation": job.validation, "testing": testing,
+        "config": config.to_dict(), "store_content_hash": job.facts.get("content_hash")}, indent=1))
     return result
 
 
-def _warn(message: str) -> None:
+def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None,
+          on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Train a model on a store's train split, validate on val each epoch, keep last.pt/best.pt in out_dir.
+
+    best.pt and early stopping read val metrics only (history columns `val_*`); test metrics are computed once,
+    after training, from best.pt. Without a usable val split the run warns (warnings + logger), trains all epochs
+    and best.pt is the last one; without a usable test split `test_metrics` is empty (see `TrainResult`).
+    resume=True continues from out_dir/last.pt (same store and config); overwrite=True discards existing
+    checkpoints. `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint is written.
+    A store of the "volumes" layout (whole 3D cases) trains a plan U-Net on random patches instead
+    (`medpipe.training.patch_training.train_volumes`)."""
+    config = config or TrainConfig()
+    started = time.perf_counter()
+    layout = store_layout_of(store_url, storage_options)
+    if layout == "volumes":
+        from medpipe.training.patch_training import train_volumes
+
+        return train_volumes(store_url, out_dir, config, resume, progress, overwrite=overwrite,
+                             storage_options=storage_options, on_epoch_end=on_epoch_end)
+    out = Path(out_dir)
+    model_name = _check_model(config, layout)
+    facts = _store_facts(store_url, config, storage_options)
+    ckpt = _open_run(out, resume, overwrite)
+    if ckpt is not None:
+        _check_resumable(ckpt, facts, config, out / "last.pt", model_name)
+
+    device = resolve_device(config.device)
+    _seed_everything(config.seed)
+    sample_shape = list(facts["sample_shape"])
+    spatial_dims = len(sample_shape) - 1
+    batch_size = config.effective_batch_size()
+    augment = default_augmentation(config.task, spatial_dims) if config.augment else None
+    common: dict[str, Any] = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
+                  storage_options=storage_options)
+    validation = _validation_mode(facts, store_url)
+    train_ds = ZarrImageDataset(store_url, "train", transform=augment, **common)
+    num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
+    train_loader = _loader(train_ds, config, batch_size, shuffle=True,
+                           drop_last=len(train_ds) > batch_size, device=device)
+    val_loader = None
+    if validation == VALIDATION_ON_VAL:
+        val_loader = _loader(ZarrImageDataset(store_url, "val", **common), config, batch_size, shuffle=False,
+                             drop_last=False, device=device)
+    classes = list(facts.get("classes") or [])
+
+    model = build_model(model_name, config.task, spatial_dims, sample_shape[0], num_outputs).to(device)
+    if config.task is Task.classify:
+        weight = None
+        if config.class_weights:
+            lab = train_ds.labels_all[train_ds.indices]
+            counts = np.bincount(lab[lab >= 0], minlength=num_outputs).astype(np.float64)
+            weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / num_outputs, dtype=torch.float32, device=device)
+        loss_fn: nn.Module = nn.CrossEntropyLoss(weight=weight, ignore_index=-1)
+    else:
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    amp = _amp_dtype(config.amp, device)
+    fmt = _memory_format(len(sample_shape) + 1) if config.channels_last and device.type == "cuda" else None
+
+    def score(loader: DataLoader, module: nn.Module, loss: nn.Module | None) -> dict[str, float]:
+        return split_metrics(_infer(module, loader, config.task, device, amp, fmt, loss), num_outputs, classes,
+                             facts["has_mask"])
+
+    def score_test(module: nn.Module) -> dict[str, float]:
+        test_ds = ZarrImageDataset(store_url, "test", **common)
+        return score(_loader(test_ds, config, batch_size, shuffle=False, drop_last=False, device=device), module, None)
+
+    job = FitJob(store_url=store_url, out=out, config=config, facts=facts, model=model, loss_fn=loss_fn,
+                 train_loader=train_loader, device=device,
+                 validate=None if val_loader is None else partial(score, val_loader),
+                 score_test=score_test, meta=_run_meta(config, facts, model_name, num_outputs, validation),
+                 validation=validation, epochs=config.effective_epochs(layout), ckpt=ckpt, started=started)
+    return fit(job, progress, on_epoch_end)
+
+
+def _warn(message: str, stacklevel: int = 3) -> None:
     """Say it loudly: a Python warning (shown once per call site by default) and a logger warning."""
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
     logger.warning(message)

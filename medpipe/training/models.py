@@ -14,6 +14,7 @@ from torch import nn
 from medpipe.planning import MAX_SPACING_RATIO, SegmentationPlan
 from medpipe.task import Task
 from medpipe.training import TrainingError, UnknownModelError, as_task
+from medpipe.training.config import PLAN_MODEL
 
 
 class SmallCNN(nn.Module):
@@ -108,7 +109,7 @@ _REGISTRY: dict[str, tuple[Callable[[int, int, int], nn.Module], tuple[Task, ...
     "unet": (_unet, (Task.segment,)),
     "small-unet": (_small_unet, (Task.segment,)),
 }
-PLAN_MODEL = "plan-unet"  # built from a store's segmentation plan (build_plan_unet), not from the registry
+# PLAN_MODEL ("plan-unet") is built from a store's segmentation plan (build_plan_unet), not from the registry
 MODEL_NAMES: tuple[str, ...] = (*_REGISTRY, PLAN_MODEL)
 
 
@@ -124,6 +125,9 @@ def model_task(name: str) -> tuple[Task, ...]:
 def build_model(name: str, task: Task | str, spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
     """A fresh model from the registry. `num_classes` counts output channels (segment: background included)."""
     task = as_task(task)
+    if name == PLAN_MODEL:
+        raise TrainingError(f"{PLAN_MODEL!r} is built from a segmentation plan (build_plan_unet) and trains on stores "
+                            "ingested with preprocess.layout: volumes")
     tasks = model_task(name)
     if task not in tasks:
         valid = [n for n, (_, t) in _REGISTRY.items() if task in t]

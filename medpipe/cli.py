@@ -319,7 +319,7 @@ def train(
     task: str = typer.Option("classify", "--task", help="classify or segment"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/<store name>-<task>)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a `train:` section (or the fields)"),
-    model: Optional[str] = typer.Option(None, help="small-cnn, resnet18, resnet34, densenet121, unet, small-unet"),
+    model: Optional[str] = typer.Option(None, help="small-cnn, resnet18, resnet34, densenet121, unet, small-unet, plan-unet (3D volumes)"),
     epochs: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),

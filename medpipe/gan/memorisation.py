@@ -4,7 +4,7 @@ For each synthetic sample: the distance to its nearest training image in pixel s
 feature space. Reference, per space: each real test image's distance to its nearest training image; the
 threshold is the closest real pair, min over test images t of min over training images r of d(t, r). A synthetic
 sample is flagged when it is closer to training than that threshold, strictly, in either space.
-See docs/augmentation-quality.md.
+See docs/augmentation.md (quality and memorisation).
 
 Shapes: images (N, C, *spatial) float32 as stored in `training/images`.
 """

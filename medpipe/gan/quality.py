@@ -4,7 +4,7 @@ precision/recall/density/coverage and per-class diversity (mode collapse).
 The feature space is the penultimate layer of a classifier checkpoint of this project (`feature_extractor`):
 the input of its final linear layer, e.g. the 2x128 average+max pooled channels of `small-cnn`. No Inception
 weights are needed, and the features encode what separates the classes of *this* data. See
-docs/augmentation-quality.md for the choices and how to read the numbers.
+docs/augmentation.md (quality and memorisation) for the choices and how to read the numbers.
 
 Shapes: images (N, C, *spatial) float32 as stored in `training/images`; features (N, D); labels (N,) int.
 """

@@ -50,3 +50,31 @@ def test_refuses_other_shapes_and_other_data(store):
     root.attrs["medpipe"] = {**store_attrs(store), "content_hash": "f" * 64}  # the store was re-ingested
     with pytest.raises(SyntheticSetError, match="other data"):
         read_synthetic(store)
+
+
+def test_training_mixes_synthetic_samples_into_train_only(store, tmp_path):
+    from medpipe.training.config import TrainConfig
+    from medpipe.training.data import ZarrImageDataset
+    from medpipe.training.engine import synthetic_extra, train
+    from medpipe.training.checkpoints import load_checkpoint
+    from medpipe.errors import UserError
+
+    n_real = len(ZarrImageDataset(store, "train"))
+    images = np.full((10, 1, 16, 16), 7.0, np.float32)  # a value no real sample has (they lie in 0..1)
+    write_synthetic(store, images, np.repeat([0, 1], 5), np.zeros(10), _provenance(store, n_per_class=5))
+    config = TrainConfig(task="classify", synthetic_ratio=0.25, epochs=1, batch_size=8, device="cpu", seed=1)
+    extra, lineage = synthetic_extra(store, config, n_real)
+    assert len(extra[0]) == min(10, round(0.25 * n_real)) and lineage["generator_sha256"] == "ab" * 32
+    train_ds = ZarrImageDataset(store, "train", extra=extra)
+    assert len(train_ds) == n_real + len(extra[0])
+    arrays = train_ds.read_arrays(np.arange(len(train_ds)))
+    synthetic = arrays["indices"] < 0
+    assert synthetic.sum() == len(extra[0]) and (arrays["images"][synthetic] == 7.0).all()
+    assert (arrays["images"][~synthetic] <= 1.0).all()
+    assert sum(len(b) for b in train_ds.blocks()) == len(train_ds)
+    with pytest.raises(UserError):
+        ZarrImageDataset(store, "val", extra=extra)  # val and test never take synthetic samples
+    result = train(store, tmp_path / "run", config, progress=False)
+    assert load_checkpoint(result.best_path)["synthetic"]["n_used"] == len(extra[0])
+    with pytest.raises(UserError, match="classification"):
+        synthetic_extra(store, TrainConfig(task="segment", synthetic_ratio=0.5), n_real)

@@ -58,6 +58,10 @@ class TrainConfig(_Section):
         default="auto", description="auto = hold a split's arrays in memory when under cache_max_bytes")
     cache_max_bytes: int = Field(default=2 << 30, ge=0)
     augment: bool = True
+    synthetic_ratio: float = Field(
+        default=0.0, ge=0, description="classify (2D): synthetic samples from STORE/synthetic/ (medpipe augment) "
+        "added to the train split, as a fraction of its real samples (drawn with `seed`); val and test never see "
+        "them. 0 = real data only")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(default="auto", description="auto = bf16/fp16 on CUDA, off on CPU")
     channels_last: bool = Field(default=True, description="channels-last memory format (CUDA only)")
     compile: bool = False

@@ -124,6 +124,7 @@ class ZarrImageDataset(Dataset):
         cache_max_bytes: int = 2 << 30,
         chunk_cache_bytes: int = 64 << 20,
         storage_options: dict[str, Any] | None = None,
+        extra: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         task = as_task(task)
         if cache not in ("auto", "memory", "none"):
@@ -157,6 +158,9 @@ class ZarrImageDataset(Dataset):
         self._shared: dict[str, torch.Tensor] = {}  # the cache in shared memory, once pickled for workers
         if self.cached:  # loaded once here; workers get it through shared memory (see share_cache)
             self._cache = {name: self._read_rows(name, self.indices, use_lru=False) for name in self._arrays}
+        # extra samples (synthetic images, classify only, train split only) follow the split's positions; their
+        # `indices` are -1 - k so that they can never be mistaken for a store row
+        self.extra_images, self.extra_labels = _checked_extra(extra, split, task, self.sample_shape)
 
     # -- process-local store handle -------------------------------------------------------------------------
     def _group(self) -> zarr.Group:
@@ -251,8 +255,22 @@ class ZarrImageDataset(Dataset):
             self._lru_bytes -= old.nbytes
 
     def read_arrays(self, positions: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Raw arrays (no transform) of split positions: {"images", "masks"?, "labels", "indices"}."""
+        """Raw arrays (no transform) of split positions: {"images", "masks"?, "labels", "indices"}; positions past
+        the split's samples are the extra (synthetic) samples, with indices -1 - k."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n_real = int(self.indices.size)
+        if pos.size and int(pos.max()) >= n_real:
+            real = pos < n_real
+            k = pos[~real] - n_real
+            out: dict[str, np.ndarray] = {"images": np.empty((pos.size, *self.sample_shape), np.float32),
+                   "labels": np.empty(pos.size, np.int64), "indices": np.empty(pos.size, np.int64)}
+            if real.any():
+                for name, values in self.read_arrays(pos[real]).items():
+                    out[name][real] = values
+            out["images"][~real] = self.extra_images[k]
+            out["labels"][~real] = self.extra_labels[k]
+            out["indices"][~real] = -1 - k
+            return out
         store_idx = self.indices[pos]
         result: dict[str, np.ndarray] = {"labels": self.labels_all[store_idx], "indices": store_idx}
         for name in self._arrays:
@@ -265,7 +283,7 @@ class ZarrImageDataset(Dataset):
         return result
 
     def __len__(self) -> int:
-        return int(self.indices.size)
+        return int(self.indices.size) + len(self.extra_labels)
 
     def __getitems__(self, positions: Sequence[int]) -> "SampleBatch | list[dict[str, Any]]":
         """A batch of samples read chunk-wise (torch's DataLoader calls this with a batch of positions).
@@ -294,11 +312,30 @@ class ZarrImageDataset(Dataset):
         return self.__getitems__([position])[0]
 
     def blocks(self) -> list[np.ndarray]:
-        """Split positions grouped by the training chunk that holds them (the unit of one read)."""
-        if len(self) == 0:
-            return []
-        chunk_ids = self.indices // self.chunk_len
-        return np.split(np.arange(len(self), dtype=np.int64), np.flatnonzero(np.diff(chunk_ids)) + 1)
+        """Split positions grouped by the training chunk that holds them (the unit of one read); extra samples
+        follow in blocks of the same length."""
+        n_real = int(self.indices.size)
+        blocks: list[np.ndarray] = []
+        if n_real:
+            chunk_ids = self.indices // self.chunk_len
+            blocks = np.split(np.arange(n_real, dtype=np.int64), np.flatnonzero(np.diff(chunk_ids)) + 1)
+        extra = np.arange(n_real, len(self), dtype=np.int64)
+        return blocks + [extra[s : s + self.chunk_len] for s in range(0, extra.size, self.chunk_len)]
+
+
+def _checked_extra(extra: tuple[np.ndarray, np.ndarray] | None, split: str, task: Task,
+                   sample_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Extra (synthetic) samples as (images float32 (M, *sample_shape), labels int64 (M,)); empty when None.
+    Only a classification train split takes them: val and test never see synthetic data."""
+    if extra is None:
+        return np.zeros((0, *sample_shape), np.float32), np.zeros(0, np.int64)
+    if split != "train" or task is not Task.classify:
+        raise TrainingError(f"synthetic samples join the train split of a classification only (got {split}, {task})")
+    images, labels = np.asarray(extra[0], dtype=np.float32), np.asarray(extra[1], dtype=np.int64)
+    if tuple(images.shape[1:]) != sample_shape or len(images) != len(labels):
+        raise TrainingError(f"synthetic samples of shape {list(images.shape[1:])} do not fit samples of shape "
+                            f"{list(sample_shape)}")
+    return images, labels
 
 
 class SampleBatch(Sequence):

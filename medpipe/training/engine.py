@@ -42,7 +42,7 @@ from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, Mi
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
 from medpipe.training.config import PLAN_MODEL, RUNTIME_FIELDS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
-                                   open_group, seed_worker, worker_context)
+                                   open_group, seed_worker, split_indices, worker_context)
 from medpipe.training.models import build_model, model_task
 from medpipe.training.patches import PatchDataset
 from medpipe.training.selection import improved, monitor_key
@@ -585,6 +585,28 @@ def fit(job: FitJob, progress: bool = True, on_epoch_end: EpochCallback | None =
     return result
 
 
+def synthetic_extra(store_url: str, config: TrainConfig, n_real: int
+                    ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any] | None]:
+    """(images, labels) of the synthetic samples a run mixes into its train split, and their lineage for the
+    checkpoint (None, None at synthetic_ratio 0). round(ratio * n_real) samples drawn without replacement with the
+    run's seed (all of them, with a warning, when the set is smaller)."""
+    if config.synthetic_ratio <= 0:
+        return None, None
+    if config.task is not Task.classify:
+        raise TrainingError("synthetic_ratio applies to classification (the GAN makes labelled 2D images)")
+    from medpipe.gan.synthetic import read_synthetic
+
+    images, labels, provenance = read_synthetic(store_url)
+    wanted = int(round(config.synthetic_ratio * n_real))
+    if wanted > len(labels):
+        _warn(f"synthetic_ratio {config.synthetic_ratio} asks for {wanted} synthetic samples; the store has "
+              f"{len(labels)}: all of them are used")
+    pick = np.sort(np.random.default_rng(config.seed).permutation(len(labels))[: min(wanted, len(labels))])
+    lineage = {"generator_sha256": provenance.get("generator_sha256"), "seed": provenance.get("seed"),
+               "n_used": int(pick.size), "ratio": config.synthetic_ratio}
+    return (images[pick], labels[pick]), lineage
+
+
 def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None,
           on_epoch_end: EpochCallback | None = None) -> TrainResult:
@@ -621,7 +643,9 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     common: dict[str, Any] = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
                   storage_options=storage_options)
     validation = _validation_mode(facts, store_url)
-    train_ds = ZarrImageDataset(store_url, "train", transform=augment, **common)
+    extra, synthetic = synthetic_extra(store_url, config, len(split_indices(open_group(store_url, storage_options),
+                                                                        "train")))
+    train_ds = ZarrImageDataset(store_url, "train", transform=augment, extra=extra, **common)
     num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
     train_loader = _loader(train_ds, config, batch_size, shuffle=True,
                            drop_last=len(train_ds) > batch_size, device=device)
@@ -655,7 +679,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     job = FitJob(store_url=store_url, out=out, config=config, facts=facts, model=model, loss_fn=loss_fn,
                  train_loader=train_loader, device=device,
                  validate=None if val_loader is None else partial(score, val_loader),
-                 score_test=score_test, meta=_run_meta(config, facts, model_name, num_outputs, validation),
+                 score_test=score_test, meta={**_run_meta(config, facts, model_name, num_outputs, validation),
+                                              "synthetic": synthetic},
                  validation=validation, epochs=config.effective_epochs(layout), ckpt=ckpt, started=started)
     return fit(job, progress, on_epoch_end)
 

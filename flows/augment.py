@@ -12,20 +12,46 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.runtime import shared_api_server
 from medpipe.gan.augment import AugmentConfig
-from tasks.augment import publish_synthetic_task, train_feature_classifier_task, train_gan_task
+from medpipe.gan.experiment import ExperimentConfig
+from tasks.augment import (experiment_task, publish_synthetic_task, train_feature_classifier_task,
+                           train_gan_task)
 
 
 @flow(name="gan-augment", log_prints=False)
-def gan_augment_flow(store: str, out_dir: str, config: dict[str, Any] | None = None, resume: bool = False
-                     ) -> dict[str, Any]:
-    """Train the GAN on STORE's train split and publish measured, memorisation-checked synthetic samples."""
+def gan_augment_flow(store: str, out_dir: str, config: dict[str, Any] | None = None, resume: bool = False,
+                     experiment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the GAN on STORE's train split, publish measured, memorisation-checked synthetic samples, and (when
+    `experiment` is given) run the augmentation experiment on them."""
     cfg = AugmentConfig.model_validate(config or {})
     generator = train_gan_task(store, str(Path(out_dir) / "gan"), cfg, resume)
     classifier = train_feature_classifier_task(store, str(Path(out_dir) / "classifier"), cfg)
     summary = publish_synthetic_task(store, out_dir, cfg, generator, classifier)
     create_markdown_artifact(key="gan-augment", markdown=augment_markdown(summary),
                              description="medpipe augment: synthetic sample quality and memorisation gate")
+    if experiment is not None:
+        summary["experiment"] = augment_experiment_flow(store, str(Path(out_dir) / "experiment"), experiment)
     return summary
+
+
+@flow(name="augment-experiment", log_prints=False)
+def augment_experiment_flow(store: str, out_dir: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Real vs real + synthetic vs real + classic vs all, at several fractions and seeds (test metrics with CIs)."""
+    result = experiment_task(store, out_dir, ExperimentConfig.model_validate(config or {}))
+    create_markdown_artifact(key="augment-experiment", markdown=experiment_markdown(result),
+                             description="medpipe augment-experiment: where synthetic data helps, and where not")
+    return result
+
+
+def experiment_markdown(result: dict[str, Any]) -> str:
+    """The experiment artifact: the comparison table (mean over seeds, paired difference to real-only)."""
+    rows = ["| fraction | arm | metric | mean (sd) | vs real (95% CI) | verdict |", "|---|---|---|---|---|---|"]
+    for r in result["comparison"]:
+        diff = (f"{r['diff_vs_real']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})"
+                if "diff_vs_real" in r else "")
+        rows.append(f"| {r['fraction']:g} | {r['arm']} | {r['metric']} | {r['mean']:.3f} ({r['sd']:.3f}) | {diff} "
+                    f"| {r.get('verdict', '')} |")
+    return "\n".join([*result["summary"], "", *rows, "", *[f"caveat: {c}" for c in result["caveats"]],
+                      f"plot: `{result['plot']}`"])
 
 
 def augment_markdown(summary: dict[str, Any]) -> str:
@@ -40,6 +66,12 @@ def augment_markdown(summary: dict[str, Any]) -> str:
         f"memorisation: {memo['flagged_count']} flagged ({memo['flagged_fraction']:.1%}), gate "
         f"{'passed' if gate['passed'] else 'FAILED'} (allowed {gate['max_flagged_fraction']:.1%}: {gate['rule']})",
         "", f"sample grid: `{summary['out_dir']}/samples.png`, report: `{summary['report']}`"])
+
+
+def run_experiment(store: str, out_dir: str, config: ExperimentConfig) -> dict[str, Any]:
+    """Run the experiment flow on Prefect's embedded server (or the configured API)."""
+    with shared_api_server():
+        return augment_experiment_flow(store=store, out_dir=out_dir, config=config.to_dict())
 
 
 def run_augment(store: str, out_dir: str, config: AugmentConfig, resume: bool = False) -> dict[str, Any]:

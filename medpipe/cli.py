@@ -386,6 +386,43 @@ def augment(
                   f"{summary['memorisation']['flagged_count']} flagged, gate passed\nreport: {summary['report']}")
 
 
+@app.command("augment-experiment")
+@guarded_command
+def augment_experiment(
+    store: str = typer.Argument(..., help="a 2D store with a synthetic set (`medpipe augment`)"),
+    out: Optional[Path] = typer.Option(None, help="folder (default runs/<store name>-experiment)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with an `experiment:` section"),
+    fractions: Optional[str] = typer.Option(None, help="fractions of the train patients, e.g. 0.1,0.25,1"),
+    seeds: Optional[str] = typer.Option(None, help="seeds, e.g. 0,1,2"),
+    epochs: Optional[int] = typer.Option(None, help="classifier epochs per run"),
+    ratio: Optional[float] = typer.Option(None, help="synthetic samples per real train sample"),
+) -> None:
+    """Train the classifier real-only, + synthetic, + classic augmentation and with both, at several fractions of
+    the real train patients and several seeds; report test metrics with CIs, paired differences and a plot."""
+    from medpipe.gan.experiment import ExperimentConfig
+
+    def numbers(text: str | None, kind: type) -> list | None:
+        return None if text is None else [kind(v) for v in text.split(",") if v.strip()]
+
+    guarded(lambda: check_config_file(config))
+    cfg = guarded(lambda: load_config(config, ExperimentConfig, section="experiment", **{
+        "fractions": numbers(fractions, float), "seeds": numbers(seeds, int), "train.epochs": epochs,
+        "synthetic_ratio": ratio}))
+    run_dir = out or Path("runs") / f"{Path(store.rstrip('/')).stem}-experiment"
+    guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
+    from medpipe.gan.synthetic import check_synthetic_current
+
+    guarded(lambda: check_synthetic_current(store))
+    from flows.augment import run_experiment
+
+    result = guarded(lambda: run_experiment(store, str(run_dir), cfg))
+    for line in result["summary"]:
+        console.print(line)
+    for caveat in result["caveats"]:
+        _warn(caveat)
+    console.print(f"table: {run_dir / 'experiment.csv'}  plot: {result['plot']}")
+
+
 @app.command()
 @guarded_command
 def evaluate(

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from medpipe.gan.augment import AugmentConfig
+from medpipe.gan.experiment import ExperimentConfig
 
 TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -46,3 +47,17 @@ def publish_synthetic_task(store: str, out_dir: str, config: AugmentConfig, gene
             "published": result.published, "n_samples": result.n_samples,
             "frechet_distance": result.quality["frechet_distance"], "prdc": result.quality["prdc"],
             "memorisation": result.memorisation}
+
+
+@task(name="augmentation-experiment", **TASK)
+def experiment_task(store: str, out_dir: str, config: ExperimentConfig) -> dict[str, Any]:
+    """The augmentation experiment; logs each run's test AUROC; returns the comparison (no arrays)."""
+    from medpipe.gan.experiment import augmentation_experiment
+
+    logger = get_run_logger()
+
+    def log_run(run: dict[str, Any]) -> None:
+        logger.info("fraction %g seed %d %s: test AUROC %.3f", run["fraction"], run["seed"], run["arm"],
+                    run["scores"]["auroc"]["value"])
+
+    return augmentation_experiment(store, out_dir, config, on_run=log_run)

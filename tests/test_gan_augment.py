@@ -83,9 +83,52 @@ def test_cli_augment_runs_the_flow_and_refuses_bad_stores_in_one_line(prefect_ap
                                  "1", "--width", "8", "--n-per-class", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "16 synthetic samples" in result.output and synthetic_provenance(store)["n_per_class"] == 8
+    experiment = runner.invoke(app, ["augment-experiment", store, "--out", str(tmp_path / "exp"), "--fractions", "1",
+                                     "--seeds", "0,1", "--epochs", "1"])
+    assert experiment.exit_code == 0, experiment.output
+    assert "real+synthetic at 1 of the train patients" in experiment.output
+    assert (tmp_path / "exp" / "experiment.csv").read_text().count("\n") == 1 + 4 * 5  # header + arms x metrics
     unlabelled = make_2d_store(str(tmp_path / "unlabelled.zarr"), n=32, size=16)
     root = open_store(unlabelled, mode="a")
     root["training/labels"][...] = -1
     bad = runner.invoke(app, ["augment", unlabelled, "--out", str(tmp_path / "bad"), "--epochs", "1"])
     assert bad.exit_code == 2 and "labels" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert synthetic_provenance(unlabelled) is None
+    none_yet = runner.invoke(app, ["augment-experiment", unlabelled, "--out", str(tmp_path / "none")])
+    assert none_yet.exit_code == 2 and "medpipe augment" in none_yet.output
+
+
+def test_compare_arms_gives_paired_verdicts():
+    from medpipe.gan.experiment import compare_arms
+
+    def run(arm, seed, auroc):
+        return {"fraction": 0.5, "seed": seed, "arm": arm, "scores": {"auroc": {"value": auroc}}}
+
+    runs = [run("real", s, 0.70 + 0.01 * s) for s in range(3)]
+    runs += [run("real+synthetic", s, 0.80 + 0.01 * s + 0.002 * (s == 1)) for s in range(3)]  # +0.10 each seed
+    runs += [run("real+classic", s, 0.60 + 0.01 * s - 0.002 * (s == 2)) for s in range(3)]  # -0.10 each seed
+    runs += [run("all", s, 0.70 + 0.01 * s + (0.05 if s == 0 else -0.05 if s == 1 else 0.0)) for s in range(3)]
+    rows = {r["arm"]: r for r in compare_arms(runs) if r["metric"] == "auroc"}
+    assert rows["real+synthetic"]["verdict"] == "helps" and abs(rows["real+synthetic"]["diff_vs_real"] - 0.1007) < 1e-3
+    assert rows["real+classic"]["verdict"] == "hurts"
+    assert rows["all"]["verdict"] == "no clear difference"
+    assert "verdict" not in rows["real"]
+
+
+def test_experiment_runs_every_arm_on_the_real_test_split(augmented):
+    from medpipe.gan.experiment import ExperimentConfig, augmentation_experiment
+    from medpipe.training.config import TrainConfig
+
+    store, _, _, tmp = augmented
+    config = ExperimentConfig(fractions=[0.5, 1.0], seeds=[0, 1], n_boot=200,
+                              train=TrainConfig(task="classify", epochs=1, batch_size=16, device="cpu"))
+    result = augmentation_experiment(store, tmp / "experiment", config)
+    assert len(result["runs"]) == 2 * 2 * 4
+    n_test = {r["n_test"] for r in result["runs"]}
+    assert len(n_test) == 1  # every arm is scored on the same real test split
+    for run in result["runs"]:
+        for metric in ("accuracy", "sensitivity", "specificity", "f1_macro", "auroc"):
+            entry = run["scores"][metric]
+            assert entry["low"] <= entry["value"] <= entry["high"] or not np.isfinite(entry["low"])
+    assert (tmp / "experiment" / "experiment.png").stat().st_size > 0
+    assert result["caveats"] and result["summary"]

@@ -58,6 +58,9 @@ class TrainConfig(_Section):
         default="auto", description="auto = hold a split's arrays in memory when under cache_max_bytes")
     cache_max_bytes: int = Field(default=2 << 30, ge=0)
     augment: bool = True
+    train_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="fraction of the train split's patients used (whole patients, drawn "
+        "with `seed`): learning curves and the augmentation experiment")
     synthetic_ratio: float = Field(
         default=0.0, ge=0, description="classify (2D): synthetic samples from STORE/synthetic/ (medpipe augment) "
         "added to the train split, as a fraction of its real samples (drawn with `seed`); val and test never see "

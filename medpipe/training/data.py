@@ -59,6 +59,16 @@ def split_indices(root: zarr.Group, split: str) -> np.ndarray:
     return np.flatnonzero(codes == SPLIT_CODES[split]).astype(np.int64)
 
 
+def patient_subset(root: zarr.Group, split: str, fraction: float, seed: int) -> np.ndarray:
+    """Store rows of ceil(fraction x patients) of a split's patients, drawn with `seed` (whole patients: a subset
+    never splits one patient's images)."""
+    rows = split_indices(root, split)
+    patients = np.array([str(p) for p in np.asarray(get_array(root, "samples/patient")[...])[rows]])
+    unique = np.unique(patients)
+    keep = np.random.default_rng(seed).permutation(unique)[: int(np.ceil(fraction * len(unique)))]
+    return rows[np.isin(patients, keep)]
+
+
 SHM_DIR = "/dev/shm"
 SHM_HEADROOM = 256 << 20  # left free in /dev/shm for the DataLoader's own batch transfers
 
@@ -125,6 +135,7 @@ class ZarrImageDataset(Dataset):
         chunk_cache_bytes: int = 64 << 20,
         storage_options: dict[str, Any] | None = None,
         extra: tuple[np.ndarray, np.ndarray] | None = None,
+        rows: np.ndarray | None = None,
     ) -> None:
         task = as_task(task)
         if cache not in ("auto", "memory", "none"):
@@ -144,6 +155,8 @@ class ZarrImageDataset(Dataset):
             raise StoreNotCompleteError(f"{store_url} has no training/images array: was ingestion completed?")
         images = get_array(root, "training/images")
         self.indices = split_indices(root, split)
+        if rows is not None:  # a subset of the split (e.g. a fraction of the train patients)
+            self.indices = np.intersect1d(self.indices, np.asarray(rows, dtype=np.int64))
         self.n_total = int(images.shape[0])
         self.sample_shape = tuple(int(s) for s in images.shape[1:])
         self.chunk_len = int(images.chunks[0])

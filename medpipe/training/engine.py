@@ -42,7 +42,8 @@ from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, Mi
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
 from medpipe.training.config import PLAN_MODEL, RUNTIME_FIELDS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
-                                   open_group, seed_worker, split_indices, worker_context)
+                                   open_group, patient_subset, seed_worker, split_indices,
+                                   worker_context)
 from medpipe.training.models import build_model, model_task
 from medpipe.training.patches import PatchDataset
 from medpipe.training.selection import improved, monitor_key
@@ -442,7 +443,10 @@ def _optimizer(model: nn.Module, config: TrainConfig, steps: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     if config.scheduler == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.2)
+        # OneCycle needs a few steps per phase (it divides by the phase length): a run of fewer than 10 steps (a
+        # tiny train subset) follows the start of a 10-step cycle
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(steps, 10),
+                                                        pct_start=0.2)
     elif config.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     else:
@@ -643,9 +647,10 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     common: dict[str, Any] = dict(task=config.task, cache=config.cache, cache_max_bytes=config.cache_max_bytes,
                   storage_options=storage_options)
     validation = _validation_mode(facts, store_url)
-    extra, synthetic = synthetic_extra(store_url, config, len(split_indices(open_group(store_url, storage_options),
-                                                                        "train")))
-    train_ds = ZarrImageDataset(store_url, "train", transform=augment, extra=extra, **common)
+    root = open_group(store_url, storage_options)
+    rows = patient_subset(root, "train", config.train_fraction, config.seed) if config.train_fraction < 1 else None
+    extra, synthetic = synthetic_extra(store_url, config, len(split_indices(root, "train") if rows is None else rows))
+    train_ds = ZarrImageDataset(store_url, "train", transform=augment, extra=extra, rows=rows, **common)
     num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
     train_loader = _loader(train_ds, config, batch_size, shuffle=True,
                            drop_last=len(train_ds) > batch_size, device=device)

@@ -1,6 +1,6 @@
 """GAN training throughput: real images/s of `train_gan` (store-fed: chunk reads, DiffAugment, lazy R1, EMA,
 checkpoint and sample grid per epoch) against the bare D+G step on image tensors already on the device, same
-networks and batch. On CUDA: bf16 autocast (the config's auto) and channels-last. Without CUDA it measures the CPU
+networks and batch. On CUDA: bf16 autocast (the config's auto). Without CUDA it measures the CPU
 (the baseline ratio still holds) and says so.
 
     python benchmarks/gpu_gan.py [--samples 2048] [--size 64] [--batch 32] [--width 32] [--epochs 2]

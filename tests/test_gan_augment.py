@@ -45,6 +45,8 @@ def test_publishes_samples_with_provenance_and_leaves_real_data_alone(augmented)
     report = json.loads(result.report.read_text())
     assert np.isfinite(report["quality"]["frechet_distance"]["fake"])
     assert report["memorisation"]["gate"]["passed"] and (result.out_dir / "samples.png").stat().st_size > 0
+    tstr = report["quality"]["tstr"]  # train on synthetic, test on real; beside train on real, test on real
+    assert set(tstr["tstr"]) == set(tstr["trtr"]) == {"accuracy", "macro_f1"}
 
 
 def test_same_seed_same_samples(augmented):
@@ -121,9 +123,10 @@ def test_experiment_runs_every_arm_on_the_real_test_split(augmented):
 
     store, _, _, tmp = augmented
     config = ExperimentConfig(fractions=[0.5, 1.0], seeds=[0, 1], n_boot=200,
+                              arms=["real", "real+synthetic", "real+classic", "all", "synthetic-only"],
                               train=TrainConfig(task="classify", epochs=1, batch_size=16, device="cpu"))
     result = augmentation_experiment(store, tmp / "experiment", config)
-    assert len(result["runs"]) == 2 * 2 * 4
+    assert len(result["runs"]) == 2 * 2 * 5
     n_test = {r["n_test"] for r in result["runs"]}
     assert len(n_test) == 1  # every arm is scored on the same real test split
     for run in result["runs"]:

@@ -143,7 +143,31 @@ def augment_store(store_url: str, out_dir: str | Path, config: AugmentConfig | N
         trained_on_content_hash=str(meta["store_content_hash"]), seed=config.seed, n_per_class=config.n_per_class,
         classes=list(facts["classes"]), sample_shape=list(facts["sample_shape"]),
         quality=_quality_summary(quality), memorisation=memo_summary))
+    quality["tstr"] = tstr_vs_trtr(store_url, out / "tstr", Path(classifier), len(fake), len(train_images), config)
+    report.write_text(json.dumps({**summary, "quality": quality}, indent=1, default=_json_default))
     return AugmentResult(out, Path(generator), Path(classifier), report, published, len(fake), quality, memo_summary)
+
+
+def tstr_vs_trtr(store_url: str, out_dir: Path, trtr_checkpoint: Path, n_fake: int, n_real: int,
+                 config: AugmentConfig) -> dict[str, Any]:
+    """Test metrics of the same classifier trained on the published synthetic set alone (TSTR) and on the real
+    train split (TRTR: the feature classifier), both scored on the real test split."""
+    from medpipe.training.config import TrainConfig
+    from medpipe.training.engine import train
+
+    tstr = train(store_url, out_dir, TrainConfig(task=Task.classify, model="small-cnn", epochs=config.classifier_epochs,
+                                                 seed=config.seed, synthetic_only=True,
+                                                 synthetic_ratio=n_fake / max(n_real, 1)),
+                 progress=False, overwrite=True)
+    return {"tstr": dict(tstr.test_metrics), "trtr": _summary_test(trtr_checkpoint),
+            "note": "the same small-cnn and epochs; TSTR trains on the synthetic samples only, TRTR on the real train "
+                    "split; both are scored once on the real test split"}
+
+
+def _summary_test(checkpoint: Path) -> dict[str, Any]:
+    """Test metrics a training run wrote to its summary.json (beside best.pt)."""
+    summary = checkpoint.parent / "summary.json"
+    return dict(json.loads(summary.read_text()).get("test_metrics") or {}) if summary.exists() else {}
 
 
 def _grid_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 8) -> np.ndarray:

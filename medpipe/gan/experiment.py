@@ -1,7 +1,7 @@
 """`medpipe augment-experiment`: does the synthetic set help a classifier on this data?
 
 For each fraction of the real train patients and each seed, the same classifier is trained four ways — real only,
-real + synthetic, real + classic augmentation, all — selected on val and scored once on the real test split:
+real + synthetic, real + classic augmentation, all (optionally a fifth: synthetic only, TSTR) — selected on val and scored once on the real test split:
 accuracy, sensitivity, specificity, macro F1 and AUROC, each with a bootstrap 95% CI over test images. Across seeds
 (the same seed draws the same patients for every arm) each arm is compared with real-only by the paired mean
 difference and its t-interval; the verdict per fraction and metric is "helps" / "hurts" when that interval excludes
@@ -31,7 +31,8 @@ from medpipe.task import Task
 from medpipe.training.config import TrainConfig
 
 ARMS: dict[str, tuple[bool, bool]] = {  # arm -> (synthetic samples, classic augmentation)
-    "real": (False, False), "real+synthetic": (True, False), "real+classic": (False, True), "all": (True, True)}
+    "real": (False, False), "real+synthetic": (True, False), "real+classic": (False, True), "all": (True, True),
+    "synthetic-only": (True, False)}  # TSTR (train on synthetic, test on real); "real" at fraction 1 is TRTR
 METRICS = ("accuracy", "sensitivity", "specificity", "f1_macro", "auroc")
 RunCallback = Callable[[dict[str, Any]], None]
 
@@ -41,7 +42,8 @@ class ExperimentConfig(_Section):
 
     fractions: list[float] = Field(default=[0.1, 0.25, 1.0], description="fractions of the train patients")
     seeds: list[int] = Field(default=[0, 1, 2], description="replicates; a seed draws the same patients in every arm")
-    arms: list[str] = Field(default=list(ARMS), description="subset of real, real+synthetic, real+classic, all")
+    arms: list[str] = Field(default=[a for a in ARMS if a != "synthetic-only"],
+                            description="subset of real, real+synthetic, real+classic, all, synthetic-only (TSTR)")
     synthetic_ratio: float = Field(default=1.0, gt=0, description="synthetic samples per real train sample")
     train: TrainConfig = TrainConfig(task=Task.classify)
     n_boot: int = Field(default=1000, ge=100)
@@ -84,7 +86,8 @@ def run_arm(store_url: str, out_dir: Path, config: ExperimentConfig, fraction: f
 
     synthetic, classic = ARMS[arm]
     cfg = config.train.model_copy(update={"seed": seed, "train_fraction": fraction, "augment": classic,
-                                          "synthetic_ratio": config.synthetic_ratio if synthetic else 0.0})
+                                          "synthetic_ratio": config.synthetic_ratio if synthetic else 0.0,
+                                          "synthetic_only": arm == "synthetic-only"})
     result = train(store_url, out_dir, cfg, progress=False, overwrite=True)
     model, meta = load_model(result.best_path)
     pred = predict(model, store_url, "test", task=Task.classify)

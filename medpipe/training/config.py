@@ -61,6 +61,9 @@ class TrainConfig(_Section):
     train_fraction: float = Field(
         default=1.0, gt=0, le=1, description="fraction of the train split's patients used (whole patients, drawn "
         "with `seed`): learning curves and the augmentation experiment")
+    synthetic_only: bool = Field(
+        default=False, description="train on the synthetic samples alone (TSTR: train on synthetic, test on real); "
+        "their number is still synthetic_ratio x the real train samples")
     synthetic_ratio: float = Field(
         default=0.0, ge=0, description="classify (2D): synthetic samples from STORE/synthetic/ (medpipe augment) "
         "added to the train split, as a fraction of its real samples (drawn with `seed`); val and test never see "

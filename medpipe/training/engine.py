@@ -650,6 +650,10 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     root = open_group(store_url, storage_options)
     rows = patient_subset(root, "train", config.train_fraction, config.seed) if config.train_fraction < 1 else None
     extra, synthetic = synthetic_extra(store_url, config, len(split_indices(root, "train") if rows is None else rows))
+    if config.synthetic_only:  # TSTR: no real train sample at all
+        if extra is None:
+            raise TrainingError("synthetic_only needs synthetic_ratio > 0 (and a synthetic set: medpipe augment)")
+        rows = np.zeros(0, np.int64)
     train_ds = ZarrImageDataset(store_url, "train", transform=augment, extra=extra, rows=rows, **common)
     num_outputs = facts["num_outputs"] or max(2, _max_mask_label(train_ds) + 1)
     train_loader = _loader(train_ds, config, batch_size, shuffle=True,

@@ -79,7 +79,10 @@ def test_predict_a_nifti_folder_ingests_with_the_checkpoint_preprocessing(prefec
     volumes = _nifti_volumes(source)
     result = runner.invoke(app, ["predict", str(source), str(run_dir), str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "WARNING" in result.output and "read as MR" in result.output  # a CT model on MR-typed NIfTI files
+    # the model was trained on CT (and an XA cine, not a NIfTI modality): the NIfTI files are read as CT, normalised
+    # with the training store's statistics, and nothing differs from the training preparation
+    assert "WARNING" not in result.output
+    assert {str(m) for m in read_sample_table(str(out / "store.zarr"))["modality"]} == {"CT"}
     summary = json.loads((out / "predictions.json").read_text())
     assert len(summary["cases"]) == 2 and summary["store"] == "store.zarr"
     for entry in summary["cases"]:
@@ -119,3 +122,14 @@ def test_bad_inputs_fail_in_one_line(volume_store, run_dir, tmp_path, monkeypatc
     lines = _errors_in_one_line(runner.invoke(app, ["predict", str(tmp_path / "folder"), str(run_dir),
                                                     str(tmp_path / "out")]))
     assert "MEDPIPE_DEID_KEY" in lines[0]
+
+
+def test_a_store_prepared_otherwise_is_named_in_warnings():
+    from medpipe.predict import preprocessing_warnings
+
+    meta = {"store_content_hash": "a" * 64, "training_spacing": [2.5, 0.8, 0.8], "normalization": {"CT": {"mean": 1}}}
+    alike = {"content_hash": "b" * 64, "training_spacing": [2.5, 0.8, 0.8], "normalization": {"CT": {"mean": 1}}}
+    assert preprocessing_warnings(alike, meta, ["CT"], same_store=False) == []
+    other = {"content_hash": "b" * 64, "training_spacing": [1.0, 1.0, 1.0], "normalization": {"MR": None}}
+    notes = " ".join(preprocessing_warnings(other, meta, ["MR"], same_store=True))
+    assert "another store" in notes and "spacing" in notes and "modality MR" in notes and "nifti_modality" in notes

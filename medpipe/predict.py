@@ -14,7 +14,6 @@ source shape, spacing, file); no source path, store path or header text.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from medpipe import __version__
 from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.errors import UserError
 from medpipe.inference import predict_volume
+from medpipe.training.checkpoints import file_sha256
 from medpipe.store import SPLIT_CODES, open_store, read_sample_table, store_attrs
 from medpipe.volumes import CaseGeometry, VolumeCase, nifti_image, open_case, store_layout, to_source
 
@@ -50,15 +50,6 @@ class PredictError(UserError, ValueError):
 
 class PredictionMismatchWarning(UserWarning):
     """The data were not prepared as the checkpoint's training data (another store, spacing or normalisation)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (a checkpoint's identity that does not depend on where it lies)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

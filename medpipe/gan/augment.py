@@ -26,9 +26,10 @@ from medpipe.gan.data import gan_store_facts
 from medpipe.gan.memorisation import memorisation_check, plot_memorisation
 from medpipe.gan.quality import feature_extractor, quality_report
 from medpipe.gan.sampling import check_generator_matches_store, generate, load_generator, save_sample_grid
-from medpipe.gan.synthetic import Provenance, file_sha256, write_synthetic
+from medpipe.gan.synthetic import Provenance, write_synthetic
 from medpipe.store import SPLIT_CODES, get_array, open_store, store_attrs
 from medpipe.task import Task
+from medpipe.training.checkpoints import file_sha256
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

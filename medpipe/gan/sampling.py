@@ -7,8 +7,6 @@ of the data they imitate."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +16,7 @@ import torch
 from medpipe.gan import GanCheckpointError, GanError, GanMismatchError
 from medpipe.gan.models import ConditionalGenerator, build_generator
 from medpipe.store import store_attrs
+from medpipe.training.checkpoints import read_torch_file
 
 GAN_KIND = "medpipe-gan"
 GAN_KEYS = ("kind", "generator", "g_ema", "epoch", "config", "store_content_hash", "classes", "sample_shape",
@@ -39,13 +38,7 @@ def to_data_space(x: torch.Tensor, intensity: Mapping[str, float]) -> torch.Tens
 
 def read_gan_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A GAN checkpoint's payload (weights_only=True); GanCheckpointError when absent, unreadable or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise GanCheckpointError(f"no GAN checkpoint file at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise GanCheckpointError(f"GAN checkpoint {path} is unreadable ({type(exc).__name__})") from exc
+    payload = read_torch_file(path, map_location, GanCheckpointError, "GAN checkpoint")
     if not isinstance(payload, dict) or payload.get("kind") != GAN_KIND:
         raise GanCheckpointError(f"{path} is not a medpipe GAN checkpoint (train one with train_gan)")
     missing = [k for k in GAN_KEYS if k not in payload]

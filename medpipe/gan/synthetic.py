@@ -15,9 +15,7 @@ verification are unchanged by augmentation. Only training reads `synthetic/`, an
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -52,15 +50,6 @@ class Provenance:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (a generator checkpoint), read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_synthetic(store_url: str, images: np.ndarray, labels: np.ndarray, sample_seeds: np.ndarray,
@@ -124,5 +113,5 @@ def read_synthetic(store_url: str) -> tuple[np.ndarray, np.ndarray, Mapping[str,
     return (np.asarray(get_array(group, "images")[...]), np.asarray(get_array(group, "labels")[...]), provenance)
 
 
-__all__ = ["Provenance", "SYNTHETIC", "SyntheticSetError", "check_synthetic_current", "file_sha256",
+__all__ = ["Provenance", "SYNTHETIC", "SyntheticSetError", "check_synthetic_current",
            "read_synthetic", "synthetic_provenance", "write_synthetic"]

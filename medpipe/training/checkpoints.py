@@ -3,6 +3,7 @@ written atomically (temporary file + os.replace) so a kill never leaves half a c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -42,17 +43,32 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def read_torch_file(path: str | Path, map_location: str | torch.device, error: type[Exception], what: str,
+                    advice: str = "") -> Any:
+    """torch.load(weights_only=True) of a file; `error` (one line naming `what`) when it is absent or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no {what} file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise error(f"{what} {path} is unreadable ({type(exc).__name__}){advice}") from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (a checkpoint's identity that does not depend on where it lies)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with weights_only=True; CorruptCheckpointError when unreadable or incomplete.
     `payload["task"]` is stored as the Task value string ("classify"/"segment") and returned as a `Task`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptCheckpointError(f"no checkpoint file at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}): "
-                                     "delete it or resume from another file") from exc
+    payload = read_torch_file(path, map_location, CorruptCheckpointError, "checkpoint",
+                              ": delete it or resume from another file")
     if not isinstance(payload, dict):
         raise CorruptCheckpointError(f"checkpoint {path} does not hold a medpipe checkpoint dict")
     missing = [k for k in REQUIRED_KEYS if k not in payload]

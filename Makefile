@@ -13,11 +13,11 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 venv: $(STAMP)
 
 # torch==2.13.0 first: on these machines it is a pre-staged CPU wheel; a looser request would pull CUDA builds.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -8,7 +8,7 @@ DEMO   ?= demo-output
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test e2e bench work-pools deploy serve clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,22 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check medpipe tasks flows
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra tests
+
+# The pipeline on real components, on loopback: a Prefect server, a Dask scheduler and two workers, a moto S3
+# server (all separate processes), the deployments served, faults injected; see docs/e2e.md.
+e2e: $(STAMP)
+	$(PY) -m tests.e2e.run_e2e
+
+# Against the Prefect server in $$PREFECT_API_URL: the two work pools, then every deployment of prefect.yaml.
+work-pools: $(STAMP)
+	$(VENV)/bin/prefect work-pool create medpipe-cpu --type process --overwrite
+	$(VENV)/bin/prefect work-pool create medpipe-gpu --type process --overwrite
+
+deploy: work-pools
+	MEDPIPE_REPO=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+
+serve: $(STAMP)
+	$(PY) deployments/serve.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py

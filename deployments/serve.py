@@ -26,12 +26,11 @@ from deployments.definitions import REPO, DeploymentSpec, load_deployments  # no
 
 def parameter_problem(spec: DeploymentSpec) -> str | None:
     """Why the deployment's parameters would be refused at run time (one line), else None."""
-    from medpipe.errors import UserError
-    from medpipe.pipeline.params import PipelineParams
+    from medpipe.pipeline.params import PipelineParamsError, validate_params
 
     try:
-        PipelineParams.from_parameters(spec.parameters)
-    except (UserError, ValueError) as exc:
+        validate_params(spec.parameters)
+    except PipelineParamsError as exc:
         unset = f" (unset: {', '.join(spec.unset)})" if spec.unset else ""
         return f"{spec.name}: {str(exc).splitlines()[0]}{unset}"
     return None

@@ -35,8 +35,8 @@ from medpipe.store import SPLIT_CODES, open_store, read_sample_table, store_attr
 from medpipe.volumes import CaseGeometry, VolumeCase, nifti_image, open_case, store_layout, to_source
 
 __all__ = ["PredictError", "PredictionMismatchWarning", "VolumeModel", "checkpoint_lineage", "file_sha256",
-           "ingest_config_for", "iter_case_predictions", "load_volume_model", "predict_folder", "predict_store",
-           "preprocessing_warnings", "source_labels", "split_cases", "write_nifti"]
+           "ingest_config_for", "is_volumes_checkpoint", "iter_case_predictions", "load_volume_model",
+           "predict_folder", "predict_store", "preprocessing_warnings", "source_labels", "split_cases", "write_nifti"]
 
 OVERLAP = 0.5  # sliding-window overlap (nnU-Net's default)
 PLAN_OVERRIDES = ("patch_size", "batch_size", "strides", "n_stages", "pool_per_axis", "base_features",
@@ -93,16 +93,22 @@ class VolumeModel:
         return source_labels(self.probabilities(case, tta), case.geometry)
 
 
+def is_volumes_checkpoint(meta: Mapping[str, Any]) -> bool:
+    """Whether checkpoint metadata is of a volumes-layout (3D, patch-trained) segmentation model."""
+    from medpipe.training.models import PLAN_MODEL
+
+    return meta.get("layout") == "volumes" or meta.get("model_name") == PLAN_MODEL
+
+
 def load_volume_model(model_path: str | Path, device: str = "auto") -> VolumeModel:
     """A run folder (its best.pt) or checkpoint file of a volumes-layout segmentation model, on `device`."""
     from medpipe.evaluation.evaluate import resolve_checkpoint
     from medpipe.training.checkpoints import load_model
     from medpipe.training.engine import resolve_device
-    from medpipe.training.models import PLAN_MODEL
 
     checkpoint, run_dir = resolve_checkpoint(model_path)
     model, meta = load_model(checkpoint)
-    if meta.get("layout") != "volumes" and meta.get("model_name") != PLAN_MODEL:
+    if not is_volumes_checkpoint(meta):
         raise PredictError(f"{checkpoint.name} is a {meta.get('model_name')} checkpoint of a fixed-layout store; "
                            "`medpipe predict` needs a model trained on a volumes-layout (3D) store")
     missing = [k for k in ("plan", "training_spacing", "normalization") if meta.get(k) is None]

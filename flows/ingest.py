@@ -8,28 +8,42 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import dask_task_runner, gather, load_key, shared_api_server
+from flows.runtime import dask_client, dask_task_runner, gather, held_lock, load_key, shared_api_server
 from medpipe.config import IngestConfig
 from medpipe.deid import DeidKey
-from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
+from medpipe.ingest.lock import lock_url
 from medpipe.ingest.pipeline import collect_archive, duplicate_checks, unit_shards
+from medpipe.preflight import check_workers_access
 from medpipe.report import ingest_markdown
 from tasks import ingest as t
 
 
-@flow(name="ingest", log_prints=False, task_runner=dask_task_runner())  # $MEDPIPE_DASK_SCHEDULER or local
+@flow(name="ingest", log_prints=False)
 def ingest_flow(source: str, store: str, config: dict[str, Any] | None = None, key_secret: str | None = None,
                 show_progress: bool = False, retry_quarantined: bool = False) -> dict[str, Any]:
-    """De-identify and ingest SOURCE into the Zarr STORE (holding the store's lock); returns the store summary."""
+    """De-identify and ingest SOURCE into the Zarr STORE (holding the store's lock); returns the store summary.
+
+    Runs on the Dask scheduler of `config["scheduler"]` (else $MEDPIPE_DASK_SCHEDULER, else a LocalCluster of
+    `config["workers"]`), decided here at run time, so a deployment, `serve`, the CLI and the pipeline all honour
+    the parameter: the work itself is the subflow `ingest-on-dask` on that task runner."""
     cfg = IngestConfig.model_validate(config or {})
+    runner = dask_task_runner(cfg.scheduler, cfg.workers)  # refuses plaintext to another host, in one line
+    return ingest_on_cluster.with_options(task_runner=runner)(
+        source=source, store=store, config=cfg.to_dict(), key_secret=key_secret, show_progress=show_progress,
+        retry_quarantined=retry_quarantined)
+
+
+@flow(name="ingest-on-dask", log_prints=False)
+def ingest_on_cluster(source: str, store: str, config: dict[str, Any], key_secret: str | None = None,
+                      show_progress: bool = False, retry_quarantined: bool = False) -> dict[str, Any]:
+    """The ingest on the task runner `ingest_flow` chose: the key, the store lock (recording this flow run, so a
+    killed run is marked Crashed by the next), every Dask worker's access to SOURCE and STORE, then the work."""
+    cfg = IngestConfig.model_validate(config)
     key = load_key(key_secret)
-    t.worker_access.submit(source, store).result()  # on a Dask worker, before the store is touched
-    run_id = new_run_id()
-    acquire_lock(store, run_id)  # one writer per store; refused in one line while another run holds it
-    try:
+    with held_lock(store) as run_id:  # one writer per store; refused in one line while another run holds it
+        checked = check_workers_access(dask_client(), source, store, lock_path=lock_url(store))
+        get_run_logger().info("%d Dask worker(s) can reach SOURCE and STORE", checked)
         return _ingest(source, store, cfg, key, run_id, show_progress, retry_quarantined)
-    finally:
-        release_lock(store, run_id)
 
 
 def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: str, show_progress: bool,
@@ -76,11 +90,9 @@ def run_ingest(source: str, store: str, config: IngestConfig, key_secret: str | 
     """Run the flow on the configured Dask cluster (local by default, `config.scheduler` when set).
 
     `retry_quarantined`: re-examine the quarantined files even when the store is up to date with the source."""
-    runner = dask_task_runner(config.scheduler, config.workers)
     with shared_api_server():
-        return ingest_flow.with_options(task_runner=runner)(
-            source=source, store=store, config=config.to_dict(), key_secret=key_secret, show_progress=show_progress,
-            retry_quarantined=retry_quarantined)
+        return ingest_flow(source=source, store=store, config=config.to_dict(), key_secret=key_secret,
+                           show_progress=show_progress, retry_quarantined=retry_quarantined)
 
 
 if __name__ == "__main__":

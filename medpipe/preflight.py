@@ -7,20 +7,29 @@ timeouts and no retries, the scheduler check opens one TCP connection.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import fsspec
 
 from medpipe.errors import UserError
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 SCHEDULER_ENV = "MEDPIPE_DASK_SCHEDULER"  # as in flows.runtime (not imported here: that imports Prefect)
 LOCAL_PROTOCOLS = ("", "file", "local")
 DEFAULT_SCHEDULER_PORT = 8786
+ALLOW_PLAINTEXT_ENV = "MEDPIPE_ALLOW_PLAINTEXT_DASK"  # "1": allow tcp:// to another host (a trusted network)
+PLAINTEXT_SCHEMES = ("", "tcp", "ws", "ucx")  # Dask transports without encryption ("" = bare host:port = tcp)
+S3_ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+WORKER_CHECK_TIMEOUT_S = 120.0
 MAX_HANDSHAKE_BYTES = 1 << 24  # a Dask handshake message is a few hundred bytes
 # One try, short timeouts: an unreachable endpoint must fail in seconds, not after minutes of retries.
 S3_CHECK_CONFIG: dict[str, Any] = {"connect_timeout": 3, "read_timeout": 10,
@@ -53,6 +62,14 @@ class StorageUnreachableError(PreflightError):
 
 class SchedulerUnreachableError(PreflightError):
     """The Dask scheduler address does not accept connections."""
+
+
+class PlaintextSchedulerError(PreflightError):
+    """An unencrypted scheduler address on another host: the key would cross the network in clear."""
+
+
+class WorkerAccessError(PreflightError):
+    """A Dask worker cannot reach SOURCE or STORE, or lacks the storage settings in its own environment."""
 
 
 def _protocol(url: str) -> str:
@@ -194,13 +211,50 @@ def scheduler_address(address: str | None) -> str | None:
     return address or os.environ.get(SCHEDULER_ENV) or None
 
 
+def _loopback(host: str) -> bool:
+    """True for localhost names and loopback IP addresses (compared as text: no DNS lookup)."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_allowed() -> bool:
+    """True when the user opted in to unencrypted Dask traffic ($MEDPIPE_ALLOW_PLAINTEXT_DASK=1)."""
+    return os.environ.get(ALLOW_PLAINTEXT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_scheduler_transport(address: str) -> None:
+    """Refuse an unencrypted scheduler address (tcp://, bare host:port, ws://, ucx://) on a non-loopback host.
+
+    Every Dask task of an ingest carries the de-identification key as an argument: on a plain transport it would
+    cross the network in clear. tls:// (and wss://) pass; so does any address with $MEDPIPE_ALLOW_PLAINTEXT_DASK=1.
+    """
+    scheme = _protocol(address)
+    if scheme not in PLAINTEXT_SCHEMES or plaintext_allowed():
+        return
+    try:
+        host = urlsplit(address if scheme else f"tcp://{address}").hostname or ""
+    except ValueError:
+        return  # a malformed address is reported by check_scheduler_reachable or by Dask itself
+    if host and not _loopback(host):
+        raise PlaintextSchedulerError(
+            f"refusing the unencrypted Dask scheduler address {address}: the de-identification key travels to every "
+            f"worker as a task argument and would cross the network in clear; use a tls:// scheduler (docs/cluster.md) "
+            f"or set {ALLOW_PLAINTEXT_ENV}=1 if this network is trusted")
+
+
 def check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
     """A tcp:// or tls:// (or bare host:port) Dask scheduler must accept a TCP connection within `timeout` s.
 
-    On tcp:// it must also greet like Dask (a scheduler writes its handshake first: an 8-byte frame length), so a
-    port held by something else (a proxy, a web server) fails here too. Other transports (inproc://, ucx://, …)
-    are not checked.
+    An unencrypted address on another host is refused first (`check_scheduler_transport`). On tcp:// the scheduler
+    must also greet like Dask (a scheduler writes its handshake first: an 8-byte frame length), so a port held by
+    something else (a proxy, a web server) fails here too. Other transports (inproc://, ucx://, …) are not probed.
     """
+    check_scheduler_transport(address)
     scheme = _protocol(address)
     if scheme not in ("", "tcp", "tls"):
         return
@@ -242,12 +296,110 @@ def _dask_greeting_problem(conn: socket.socket, timeout: float) -> str | None:
     return None
 
 
-def check_worker_access(source: str, store: str) -> None:
-    """Run on a Dask worker before the store is touched: SOURCE and STORE must be reachable from there as well
-    (a remote worker needs the same mounted paths, or an object store URL with its own endpoint and credentials)."""
-    check_storage_reachable(source)
-    check_storage_reachable(store)
+def s3_endpoint() -> str | None:
+    """The S3 endpoint this process is configured with (env or fsspec config), None for AWS's default."""
+    for name in S3_ENDPOINT_ENVS:
+        if os.environ.get(name):
+            return os.environ[name]
+    conf = fsspec.config.conf.get("s3", {})
+    return conf.get("endpoint_url") or (conf.get("client_kwargs") or {}).get("endpoint_url") or None
+
+
+def _has_s3_credentials() -> bool:
+    """Whether botocore finds credentials here (env, profile, config file, instance role) or fsspec says anon."""
+    conf = fsspec.config.conf.get("s3", {})
+    if conf.get("anon") or conf.get("key"):
+        return True
+    import botocore.session
+
+    try:
+        return botocore.session.Session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile counts as no credentials
+        return False
+
+
+def missing_s3_settings(endpoint_expected: bool) -> list[str]:
+    """What this process lacks to use S3 the way the run does (names of settings only, never their values)."""
+    missing = []
+    if endpoint_expected and s3_endpoint() is None:
+        missing.append(f"an S3 endpoint ({' or '.join(S3_ENDPOINT_ENVS)}; the run uses a custom endpoint)")
+    if not _has_s3_credentials():
+        missing.append("S3 credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance "
+                       "role)")
+    return missing
+
+
+def worker_problem(source: str, store: str, endpoint_expected: bool = False, lock_path: str | None = None) \
+        -> str | None:
+    """Run on a Dask worker: what stops it from using SOURCE and STORE (None: nothing).
+
+    s3:// URLs need the endpoint (when the run uses a custom one) and credentials in the worker's own environment;
+    every URL must answer one cheap request; a local SOURCE must be visible there. `lock_path` (the store lock the
+    run holds, a URL) must be visible too: then the worker sees the same store, not a folder of its own disk."""
+    if any(_remote_key(url)[0] == "s3" for url in (source, store) if not is_local(url)):
+        missing = missing_s3_settings(endpoint_expected)
+        if missing:
+            return "its environment has no " + " and no ".join(missing)
+    try:
+        check_storage_reachable(source)
+        check_storage_reachable(store)
+    except PreflightError as exc:
+        return str(exc)
     fs, root = fsspec.core.url_to_fs(source)
     if not fs.exists(root):
-        raise SourceNotFoundError(f"SOURCE ({_protocol(source)}) is not visible from the Dask worker "
-                                  f"{socket.gethostname()}: workers need the same paths, or an object store URL")
+        return f"SOURCE ({_protocol(source) or 'local path'}) is not visible there: workers need the same paths " \
+               "(a shared mount), or an object store URL"
+    if lock_path is not None:
+        lock_fs, lock_root = fsspec.core.url_to_fs(lock_path)
+        if not lock_fs.exists(lock_root):
+            return f"STORE ({_protocol(store) or 'local path'}) is not the same there (the worker does not see this " \
+                   "run's lock file in it): workers need the same paths (a shared mount), or an object store URL"
+    return None
+
+
+def check_workers_access(client: Client, source: str, store: str, lock_path: str | None = None,
+                         timeout: float = WORKER_CHECK_TIMEOUT_S) -> int:
+    """Run `worker_problem` on EVERY worker of the cluster (one task pinned to each); returns how many answered.
+
+    Raises WorkerAccessError naming each failing worker (address and host) and what it lacks, in one line. A
+    cluster with no worker yet (an adaptive one) gets one unpinned check first, which makes it start one."""
+    expected = s3_endpoint() is not None
+    args = (source, store, expected, lock_path)
+    tag = uuid.uuid4().hex[:8]
+    if not client.scheduler_info()["workers"]:
+        first = client.submit(worker_problem, *args, key=f"medpipe-worker-access-first-{tag}", pure=False)
+        if not _wait_for(client, [first], timeout):
+            first.cancel()
+            raise WorkerAccessError(f"no Dask worker joined the cluster within {timeout:g} s: start workers "
+                                    "(dask worker SCHEDULER_ADDRESS) or check the cluster's scaling")
+    workers = client.scheduler_info()["workers"]
+    futures = {address: client.submit(worker_problem, *args, workers=[address], allow_other_workers=False,
+                                      pure=False, key=f"medpipe-worker-access-{tag}-{address}")
+               for address in workers}
+    _wait_for(client, list(futures.values()), timeout)
+    problems = []
+    for address, future in futures.items():
+        where = f"Dask worker {address} (host {workers[address].get('host', '?')})"
+        if not future.done():
+            problems.append(f"{where}: no answer to the access check within {timeout:g} s")
+        elif future.status != "finished":
+            problems.append(f"{where}: the access check ended {future.status}"
+                            + (f" ({type(future.exception()).__name__})" if future.status == "error" else ""))
+        elif future.result():
+            problems.append(f"{where}: {future.result()}")
+        future.cancel()
+    if problems:
+        raise WorkerAccessError("; ".join(problems) + " (docs/cluster.md: what each worker's environment needs)")
+    return len(futures)
+
+
+def _wait_for(client: Client, futures: list[Any], timeout: float) -> bool:
+    """Wait up to `timeout` s for all `futures`; True when all are done (distributed's wait raises instead)."""
+    from distributed import wait
+
+    with client.as_current():  # `wait` looks up the default client; a flow's client is not the default
+        try:
+            wait(futures, timeout=timeout)
+        except TimeoutError:
+            return False
+    return True

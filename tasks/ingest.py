@@ -13,7 +13,6 @@ from prefect.cache_policies import NO_CACHE
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.deid import DeidKey
 from medpipe.errors import safe_exception
-from medpipe import preflight
 from medpipe.ingest import archive, duplicates, pipeline, scan, training
 from medpipe.ingest.records import ArchiveResult, ScanRecord, Unit
 from medpipe.ingest.units import UnitPlan
@@ -40,12 +39,6 @@ def safe(step: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return run
 
     return wrap
-
-
-@task(name="worker-access", **STEP_TASK)
-@safe("worker-access")
-def worker_access(source: str, store: str) -> None:
-    preflight.check_worker_access(source, store)
 
 
 @task(name="prepare", **IO_TASK)

@@ -81,9 +81,9 @@ def test_user_errors_are_one_clear_line(store_2d, demo_source, tmp_path, monkeyp
 
 
 def test_bad_store_paths_fail_before_prefect_starts(demo_source, tmp_path, monkeypatch):
-    """STORE inside SOURCE, or a regular file: one line, exit 2, in seconds, and the flow is never called."""
+    """STORE inside SOURCE, or a regular file: one line, exit 2, and the flow is never called (no Prefect server is
+    started; no wall-clock assertion: that would depend on the machine's load)."""
     import sys
-    import time
     import types
 
     from tests.conftest import TEST_KEY
@@ -97,9 +97,7 @@ def test_bad_store_paths_fail_before_prefect_starts(demo_source, tmp_path, monke
     for store, expect, extra in ((source / "out.zarr", "would ingest the store's own files on every rerun", []),
                                  (source / "out.zarr", "inside SOURCE", ["--key-secret", "medpipe-deid-key"]),
                                  (file_store, "is a file; give a folder path or URL for the Zarr store", [])):
-        start = time.monotonic()
         _fails_cleanly(["ingest", str(source), str(store), "--no-progress", *extra], expect)
-        assert time.monotonic() - start < 5
     assert calls == [] and not (source / "out.zarr").exists()
 
 

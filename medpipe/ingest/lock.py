@@ -1,9 +1,12 @@
 """One writer per store: a lock object with a run id and a lease, on local disks and object stores alike.
 
-`STORE/medpipe.lock` holds `{run_id, host, pid, acquired, expires}`. An ingest takes it before it touches the
-store, every step that writes checks that it still holds it (and extends the lease), and the run releases it when
-it is done. A lock is stale, and may be taken over, when its lease has expired, or when it was taken on this host
-by a process that no longer exists (a run killed with SIGKILL can be rerun at once on the same machine).
+`STORE/medpipe.lock` holds `{run_id, host, pid, acquired, expires, flow_run_id}`. An ingest takes it before it
+touches the store, every step that writes checks that it still holds it (and extends the lease), and the run
+releases it when it is done. A lock is stale, and may be taken over, when its lease has expired, or when it was
+taken on this host by a process that no longer exists (a run killed with SIGKILL can be rerun at once on the same
+machine). `flow_run_id` is the orchestrator's id of the run that holds the lock (a Prefect flow run): a killed run
+cannot report its own end, so whoever takes over a stale lock is handed the stale lock (`on_stale`) and can mark
+that run as crashed (flows/runtime.py does, through the Prefect API; this module knows nothing of Prefect).
 
 Written by hand because neither zarr nor fsspec offers a lock that works on S3. Creating the lock is atomic on a
 local disk (`O_CREAT | O_EXCL`); on an object store the lock is written and read back after a short pause, and
@@ -19,7 +22,8 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
 import fsspec
 
@@ -48,6 +52,13 @@ class StoreLock:
     pid: int
     acquired: str
     expires: str
+    flow_run_id: str | None = None  # absent in locks written before it was recorded
+
+    @classmethod
+    def from_json(cls, data: Any) -> StoreLock:
+        """A lock from its JSON form; keys this version does not know are ignored (a newer writer's)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(data).items() if k in known})
 
     def expired(self, now: dt.datetime | None = None) -> bool:
         return (now or _now()) >= dt.datetime.fromisoformat(self.expires)
@@ -67,6 +78,12 @@ class StoreLock:
     def stale(self) -> bool:
         return self.expired() or self.dead_here()
 
+    def stale_reason(self) -> str:
+        """Why the lock is stale, in words (for the message that marks its run crashed)."""
+        if self.dead_here():
+            return f"its process (pid {self.pid} on {self.host}) no longer exists"
+        return f"its lease expired at {self.expires} UTC without being renewed"
+
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
@@ -74,6 +91,11 @@ def new_run_id() -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def lock_url(store_url: str) -> str:
+    """The URL (or path) of the lock object of a store, as given to any fsspec filesystem."""
+    return f"{store_url.rstrip('/')}/{LOCK_NAME}"
 
 
 def _path(store_url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -90,15 +112,15 @@ def read_lock(store_url: str) -> StoreLock | None:
     """The lock now on the store, or None (absent or unreadable: a half-written lock counts as none)."""
     fs, path = _path(store_url)
     try:
-        return StoreLock(**json.loads(fs.cat_file(path)))
+        return StoreLock.from_json(json.loads(fs.cat_file(path)))
     except (FileNotFoundError, ValueError, TypeError, KeyError):
         return None
 
 
-def _lock_for(run_id: str, lease_s: float) -> StoreLock:
+def _lock_for(run_id: str, lease_s: float, flow_run_id: str | None) -> StoreLock:
     now = _now()
     return StoreLock(run_id, socket.gethostname(), os.getpid(), now.isoformat(timespec="seconds"),
-                     (now + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"))
+                     (now + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"), flow_run_id)
 
 
 def _refuse(current: StoreLock) -> StoreLockedError:
@@ -115,16 +137,22 @@ def check_unlocked(store_url: str) -> None:
         raise _refuse(current)
 
 
-def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> StoreLock:
-    """Take the store's lock for `run_id`; raises StoreLockedError (one line, with the expiry) if another run holds it."""
+def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S, flow_run_id: str | None = None,
+                 on_stale: Callable[[StoreLock], None] | None = None) -> StoreLock:
+    """Take the store's lock for `run_id`; raises StoreLockedError (one line, with the expiry) if another run holds it.
+
+    `flow_run_id` is recorded in the lock; `on_stale` is called with a stale lock of another run just before it is
+    taken over (to mark that run as crashed: it cannot say so itself)."""
     fs, path = _path(store_url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     current = read_lock(store_url)
     if current is not None and current.run_id != run_id:
         if not current.stale():
             raise _refuse(current)
+        if on_stale is not None:
+            on_stale(current)
         fs.rm(path)
-    mine = _lock_for(run_id, lease_s)
+    mine = _lock_for(run_id, lease_s, flow_run_id)
     payload = json.dumps(asdict(mine)).encode()
     if _is_local(fs):
         try:
@@ -153,7 +181,7 @@ def check_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) ->
                             "before writing")
     fs, path = _path(store_url)
     renewed = StoreLock(current.run_id, current.host, current.pid, current.acquired,
-                        (_now() + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"))
+                        (_now() + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"), current.flow_run_id)
     fs.pipe_file(path, json.dumps(asdict(renewed)).encode())
 
 

@@ -460,17 +460,21 @@ def _is_store(path: str) -> bool:
 @app.command()
 @guarded_command
 def predict(
-    source: str = typer.Argument(..., help="a volumes-layout (3D) store, or a folder of DICOM series / NIfTI files"),
+    source: str = typer.Argument(..., help="a folder of new studies, or (3D models) a volumes-layout store"),
     model: Path = typer.Argument(..., help="training run folder (uses best.pt) or a checkpoint file"),
-    out: Path = typer.Argument(..., help="output folder: OUT/<unit>.nii.gz, OUT/predictions.json (OUT/store.zarr)"),
+    out: Path = typer.Argument(..., help="output folder: OUT/predictions.json, OUT/store.zarr and OUT/<unit>.nii.gz "
+                               "(3D segmentation) or OUT/predictions.csv (classification)"),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="average the 8 mirrorings (slower, a little better)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     split: Optional[str] = typer.Option(None, help="store only: train, val or test (default: every case)"),
     key_secret: Optional[str] = typer.Option(None, help="folder only: Prefect Secret block holding the key "
                                              "(default: $MEDPIPE_DEID_KEY)"),
+    store: Optional[str] = typer.Option(None, "--store", help="classification: the model's training store, whose "
+                                        "preprocessing (fit, intensity statistics) new studies get"),
     progress: bool = typer.Option(True, help="show ingest progress bars"),
 ) -> None:
-    """Segment every case of SOURCE with a 3D model; one NIfTI per case on its source grid, named by pseudonym."""
+    """Predict new studies with a trained model: a 3D segmentation model writes one NIfTI per case on its source
+    grid; a classifier writes OUT/predictions.csv (rerun after new studies arrive: only they are classified)."""
     import warnings
 
     from medpipe.deid import resolve_key
@@ -483,6 +487,9 @@ def predict(
         predict_store,
     )
 
+    if not guarded(lambda: _is_volumes_checkpoint(model)):
+        _predict_classifier(source, model, out, device, split, key_secret, store, progress)
+        return
     vm = guarded(lambda: load_volume_model(model, device))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PredictionMismatchWarning)
@@ -509,6 +516,40 @@ def predict(
             _warn(str(caught_warning.message))
 
 
+def _is_volumes_checkpoint(model: Path) -> bool:
+    """Whether MODEL (run folder or checkpoint) is a volumes-layout 3D segmentation model."""
+    from medpipe.evaluation.evaluate import resolve_checkpoint
+    from medpipe.predict import is_volumes_checkpoint
+    from medpipe.training.checkpoints import load_checkpoint
+
+    return is_volumes_checkpoint(load_checkpoint(resolve_checkpoint(model)[0]))
+
+
+def _predict_classifier(source: str, model: Path, out: Path, device: str, split: Optional[str],
+                        key_secret: Optional[str], store: Optional[str], progress: bool) -> None:
+    """`medpipe predict` with a fixed-layout classifier: a folder of new studies -> OUT/predictions.csv."""
+    from medpipe.batch_predict import predict_new_studies
+
+    if split is not None or guarded(lambda: _is_store(source)):
+        _fail("a classification model predicts a folder of new studies (SOURCE is a store; --split applies to 3D "
+              "segmentation models)")
+    guarded(lambda: preflight_ingest(source, str(out / "store.zarr"), None), user_errors=PATH_ERRORS)
+    if store is not None:
+        guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
+    if not key_secret:  # a key in a Prefect Secret block is read by the flow
+        from medpipe.deid import resolve_key
+
+        guarded(resolve_key)
+    summary = guarded(lambda: predict_new_studies(source, str(model), str(out), store=store, key_secret=key_secret,
+                                                  device=device, show_progress=progress))
+    counts = summary["counts"]
+    console.print(f"ingested into {out / 'store.zarr'}: {summary['ingest']['accounting']}")
+    console.print(f"{counts['new']} new prediction(s), {counts['already_predicted']} already there -> "
+                  f"{out / 'predictions.csv'} (classes: {summary['predicted_classes']})")
+    for warning in summary["warnings"]:
+        _warn(warning)
+
+
 @app.command()
 @guarded_command
 def keygen() -> None:
@@ -531,6 +572,43 @@ def demo(
     from medpipe.demo_run import run_demo
 
     run_demo(out, patients=patients, console=console)
+
+
+@app.command("run-pipeline")
+@guarded_command
+def run_pipeline_command(
+    config: Path = typer.Argument(..., help="YAML holding the pipeline's parameters (examples/pipeline.yaml)"),
+) -> None:
+    """Run the whole pipeline (ingest, train, evaluate, augment, retrain, promote, predict; unchanged stages are
+    skipped) on Prefect's embedded server; prints each stage as it runs and a summary table (docs/pipeline.md)."""
+    from medpipe.pipeline.params import load_params
+    from medpipe.pipeline.progress import listening
+    from medpipe.pipeline.summary import summary_rows
+
+    params = guarded(lambda: load_params(config))
+    if "ingest" in params.selected() and params.source:
+        source = params.source
+        guarded(lambda: preflight_ingest(source, params.store, params.scheduler), user_errors=PATH_ERRORS)
+        if not params.key_secret:  # a key in a Prefect Secret block is read by the flow
+            from medpipe.deid import resolve_key
+            from medpipe.ingest.pipeline import check_ingest_inputs
+
+            key = guarded(resolve_key)
+            guarded(lambda: check_ingest_inputs(source, params.store, params.ingest_config(), key),
+                    user_errors=PATH_ERRORS)
+    from flows.pipeline import run_pipeline
+
+    def show(stage: str, status: str, detail: str) -> None:
+        console.print(f"[bold]{stage:<9}[/] {status}" + (f": {one_line(detail)}" if detail else ""))
+
+    with listening(show):
+        result = guarded(lambda: run_pipeline(params))
+    table = Table("stage", "status", "result", title="medpipe pipeline")
+    for row in summary_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"store content hash: {result['store_content_hash']}\nresults: {params.output.rstrip('/')}/"
+                  f"pipeline.json" + (f"\npromoted model: {result['promoted']['model']}" if result["promoted"] else ""))
 
 
 def main() -> None:  # pragma: no cover - console script entry

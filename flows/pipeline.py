@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
 
 from flows.augment import gan_augment_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
-from flows.runtime import shared_api_server
+from flows.runtime import crash_stale_run, shared_api_server
 from flows.train import train_flow
 from medpipe.errors import UserError
 from medpipe.ingest.lock import new_run_id
@@ -89,7 +90,11 @@ def pipeline_flow(store: str, output: str, source: str | None = None, stages: li
                               "config": config or {}, "scheduler": scheduler, "workers": workers,
                               "key_secret": key_secret, "predict_source": predict_source})
     run_id = new_run_id()
-    acquire_output_lock(params.output, run_id)  # one pipeline per OUTPUT: a second run is refused in one line
+    flow_run = FlowRunContext.get()
+    # one pipeline per OUTPUT: a second run is refused in one line; a killed run's lock is taken over and its flow
+    # run marked Crashed
+    acquire_output_lock(params.output, run_id, flow_run_id=str(flow_run.flow_run.id) if flow_run and flow_run.flow_run
+                        else None, on_stale=crash_stale_run)
     try:
         with _scratch(params.config.work_dir) as work:
             return _run(PipelineRun(params, work, run_id))

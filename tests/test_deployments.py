@@ -69,3 +69,12 @@ def test_serve_check(env: dict[str, str], code: int, says: str | None, tmp_path)
 
 def test_prefect_yaml_is_where_prefect_deploy_looks() -> None:
     assert PREFECT_YAML == REPO / "prefect.yaml" and PREFECT_YAML.is_file()
+
+
+def test_a_deployment_applied_with_a_variable_unset_is_refused_in_one_line() -> None:
+    """`prefect deploy --all` keeps `{{ $NAME }}` as written when NAME is unset: the run says which variable."""
+    from medpipe.pipeline.params import PipelineParamsError, validate_params
+
+    with pytest.raises(PipelineParamsError, match=r"^invalid pipeline parameters: store: .*set MEDPIPE_STORE") as err:
+        validate_params({"store": "{{ $MEDPIPE_STORE }}", "output": "s3://bucket/results", "stages": ["train"]})
+    assert "\n" not in str(err.value)

@@ -3,6 +3,8 @@ lease (renewed after every stage) and a message that names the pipeline."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from medpipe.errors import UserError
 from medpipe.ingest.lock import (StoreLock, StoreLockedError, acquire_lock, check_lock, read_lock,
                                  release_lock)
@@ -28,10 +30,12 @@ def check_output_unlocked(output: str) -> None:
         raise _refusal(output, current)
 
 
-def acquire_output_lock(output: str, run_id: str) -> None:
-    """Take OUTPUT's lock for `run_id`, or raise PipelineLockedError (one line)."""
+def acquire_output_lock(output: str, run_id: str, flow_run_id: str | None = None,
+                        on_stale: Callable[[StoreLock], None] | None = None) -> None:
+    """Take OUTPUT's lock for `run_id`, or raise PipelineLockedError (one line). `flow_run_id` is recorded in the
+    lock, and `on_stale` gets the lock of a killed run before it is taken over (see acquire_lock)."""
     try:
-        acquire_lock(output, run_id, PIPELINE_LEASE_S)
+        acquire_lock(output, run_id, PIPELINE_LEASE_S, flow_run_id=flow_run_id, on_stale=on_stale)
     except StoreLockedError:
         raise _refusal(output, read_lock(output)) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ from medpipe.training.config import TrainConfig
 
 STAGES = ("ingest", "train", "evaluate", "augment", "retrain", "promote", "predict")
 DEFAULT_RETRAIN_RATIO = 1.0  # synthetic samples per real train sample when `retrain` does not say
+
+
+_ENV_TEMPLATE = re.compile(r"{{\s*\$(\w+)\s*}}")
 
 
 class PipelineParamsError(UserError):
@@ -94,6 +98,16 @@ class PipelineParams(BaseModel):
     workers: int = Field(default=2, ge=1, description="LocalCluster workers for ingest when no scheduler")
     key_secret: str | None = Field(default=None, description="Prefect Secret block holding the de-id key")
     predict_source: str | None = Field(default=None, description="new studies to predict (needed by predict)")
+
+    @field_validator("store", "output", "source", "predict_source", "scheduler", "key_secret")
+    @classmethod
+    def _no_unresolved_template(cls, value: str | None) -> str | None:
+        """`prefect deploy` keeps `{{ $NAME }}` as written when NAME is unset where it runs."""
+        match = _ENV_TEMPLATE.search(value or "")
+        if match:
+            raise ValueError(f"is the unresolved template {match.group(0)!r}: set {match.group(1)} in the environment "
+                             "where `prefect deploy` runs (see prefect.yaml), or give the parameter")
+        return value
 
     @field_validator("stages")
     @classmethod

@@ -97,3 +97,29 @@ def test_cli_refuses_a_locked_store_before_any_server_starts(tmp_path, monkeypat
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "expires at" in lines[0], result.output
     release_lock(str(store), "f" * 32)
+
+
+def test_lease_renewals_of_one_run_never_see_a_torn_lock(tmp_path):
+    """Writing steps of one run renew the lease concurrently (Dask threads/processes): a reader must never see the
+    lock half-rewritten, which it would take for a lost lock (LockLostError killed a 2-worker ingest)."""
+    import threading
+
+    from medpipe.ingest.lock import acquire_lock, check_lock, new_run_id
+
+    run_id = new_run_id()
+    acquire_lock(str(tmp_path), run_id)
+    errors: list[str] = []
+
+    def renew() -> None:
+        for _ in range(200):
+            try:
+                check_lock(str(tmp_path), run_id)
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=renew) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

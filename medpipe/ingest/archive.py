@@ -83,7 +83,7 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
         if is_infrastructure_error(exc):  # storage trouble is retried, never a bad file
             raise InfrastructureError(f"{type(exc).__name__} while reading a source file") from None
         return ArchiveFailure(unit.id, "decode_error", f"{type(exc).__name__} while decoding")
-    pixels = compact_integers(image.pixels)
+    pixels = image.pixels = compact_integers(image.pixels)  # drop the float copy as soon as int16 holds it
     audit = DeidAudit()
     header = deidentify_header(image.header, pseudonyms, audit) if image.header is not None else {}
     dicom = unit.kind in (UnitKind.dicom_series, UnitKind.dicom_file)
@@ -126,15 +126,24 @@ def _seed(unit_id: str) -> int:
     return int(unit_id[:8], 16)
 
 
+COMPACT_BLOCK = 1 << 22  # elements checked at a time: the whole-number test never copies a whole volume
+
+
 def compact_integers(pixels: np.ndarray) -> np.ndarray:
     """Float pixels that are whole numbers within int16 (CT in HU after slope 1 / integer intercept) as int16:
-    lossless, and half the archive bytes of float32."""
+    lossless, and half the archive bytes of float32. The test runs block by block (no float-sized temporaries)."""
     if pixels.dtype.kind != "f" or pixels.size == 0:
         return pixels
     lo, hi = float(pixels.min()), float(pixels.max())
-    if lo < -32768 or hi > 32767 or not np.array_equal(pixels, np.round(pixels)):
+    if lo < -32768 or hi > 32767 or not _whole_numbers(pixels):
         return pixels
     return pixels.astype(np.int16)
+
+
+def _whole_numbers(pixels: np.ndarray) -> bool:
+    flat = pixels.reshape(-1)
+    return all(np.array_equal(block, np.round(block))
+               for block in (flat[i : i + COMPACT_BLOCK] for i in range(0, flat.size, COMPACT_BLOCK)))
 
 
 def grids_match(image_affine: np.ndarray, mask_affine: np.ndarray, shape_zyx: tuple[int, ...]) -> bool:
@@ -176,7 +185,8 @@ def _load_mask(unit: Unit, base: str, fs: fsspec.AbstractFileSystem, image_shape
                 return None, "mask_grid_mismatch"
     elif tuple(mask.shape[1:]) != tuple(image_shape[1:]):
         return None, "mask_shape_mismatch"
-    return np.rint(mask[:1]).astype(np.uint8), None
+    labels = mask[:1]  # integer labels as they are; rounding them would go through float16 (slow, and inexact >2048)
+    return (labels if labels.dtype.kind in "iub" else np.rint(labels)).astype(np.uint8), None
 
 
 def _onto_image_axes(mask: np.ndarray, mask_affine: np.ndarray, image_affine: np.ndarray

@@ -108,6 +108,19 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & set(protocols))
 
 
+def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
+    """Replace the lock object whole: readers never see it half-written (a concurrent `check_lock` of the same run
+    would take a torn lock for a lost one). Local disks: a temporary file renamed over it (atomic on POSIX); object
+    stores: one PUT, which replaces an object atomically."""
+    if _is_local(fs):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, payload)
+
+
 def read_lock(store_url: str) -> StoreLock | None:
     """The lock now on the store, or None (absent or unreadable: a half-written lock counts as none)."""
     fs, path = _path(store_url)
@@ -182,7 +195,7 @@ def check_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S) ->
     fs, path = _path(store_url)
     renewed = StoreLock(current.run_id, current.host, current.pid, current.acquired,
                         (_now() + dt.timedelta(seconds=lease_s)).isoformat(timespec="seconds"), current.flow_run_id)
-    fs.pipe_file(path, json.dumps(asdict(renewed)).encode())
+    _write(fs, path, json.dumps(asdict(renewed)).encode())
 
 
 def release_lock(store_url: str, run_id: str) -> None:

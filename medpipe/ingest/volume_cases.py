@@ -19,6 +19,7 @@ from medpipe.store import read_archive_image
 from medpipe.volumes import VOLUMES, CaseGeometry, plan_geometry, ras_affine, to_stored, write_case
 
 CASES_PER_TASK = 4  # cases one assembling task writes (each case is its own group: tasks never share a chunk)
+NORMALIZE_SLAB = 8  # slices normalised at a time (see normalized_volume)
 
 
 def case_geometry(record: ArchiveRecord, target_spacing: Sequence[float] | None) -> CaseGeometry:
@@ -90,8 +91,10 @@ def _write_volume(root: zarr.Group, index: int, unit_id: str, normalization: Map
     pixels, mask, attrs = read_archive_image(root, unit_id)
     record = ArchiveRecord.from_attrs(attrs)
     geometry = case_geometry(record, target_spacing)
-    image = normalize(convert_channels(pixels, config.channels), record.modality, normalization.get(record.modality))
+    image = normalized_volume(pixels, config.channels, record.modality, normalization.get(record.modality))
+    del pixels  # the native copy is not needed past this point: one whole-case array less at the peak
     stored = to_stored(image, geometry, "linear")
+    del image
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
     write_case(root, index, stored, stored_mask, geometry, unit_id, store_config)
     if mask is None or stored_mask is None:
@@ -100,10 +103,25 @@ def _write_volume(root: zarr.Group, index: int, unit_id: str, normalization: Map
                       foreground_amounts(stored_mask, geometry.spacing), "ml")
 
 
+def normalized_volume(pixels: np.ndarray, channels: int, modality: str, norm: Mapping[str, Any] | None
+                      ) -> np.ndarray:
+    """`normalize(convert_channels(pixels))` of a (C, Z, Y, X) case, the same values. When the normalisation maps
+    each voxel on its own (CT with the dataset's statistics) it runs slab by slab into one float32 array, so the
+    whole-case temporaries of clipping and z-scoring (three float32 copies) never coexist; per-image statistics
+    (MR, CT without a fingerprint) need the whole image and take the plain path."""
+    if modality != "CT" or not norm:
+        return normalize(convert_channels(pixels, channels), modality, dict(norm) if norm else None)
+    out = np.empty((channels, *pixels.shape[1:]), dtype=np.float32)
+    for z in range(0, pixels.shape[1], NORMALIZE_SLAB):
+        out[:, z : z + NORMALIZE_SLAB] = normalize(convert_channels(pixels[:, z : z + NORMALIZE_SLAB], channels),
+                                                   modality, dict(norm))
+    return out
+
+
 def volume_count(root: zarr.Group) -> int:
     """Cases written under training/volumes/."""
     return len(list(root[VOLUMES].group_keys())) if VOLUMES in root else 0  # type: ignore[union-attr]
 
 
-__all__ = ["CASES_PER_TASK", "assemble_volumes", "case_geometry", "create_volume_layout", "plan_volumes",
-           "volume_count"]
+__all__ = ["CASES_PER_TASK", "assemble_volumes", "case_geometry", "create_volume_layout", "normalized_volume",
+           "plan_volumes", "volume_count"]

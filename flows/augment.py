@@ -57,8 +57,10 @@ def experiment_markdown(result: dict[str, Any]) -> str:
 def augment_markdown(summary: dict[str, Any]) -> str:
     """The artifact: quality beside the real held-out reference, the memorisation gate, where the grid is."""
     fd, prdc, memo = summary["frechet_distance"], summary["prdc"], summary["memorisation"]
-    rows = [f"| Fréchet distance | {fd['fake']:.3f} | {fd['real_test']:.3f} |"]
-    rows += [f"| {k} | {prdc['fake'][k]:.3f} | {prdc['real_test'][k]:.3f} |" for k in prdc["fake"]]
+    rows = [f"| Fréchet distance | {_number(fd['fake'])} | {_number(fd['real_test'])} |"]
+    names = next((list(v) for v in prdc.values() if v), ["precision", "recall", "density", "coverage"])
+    rows += [f"| {k} | {_number((prdc['fake'] or {}).get(k))} | {_number((prdc['real_test'] or {}).get(k))} |"
+             for k in names]
     gate = memo["gate"]
     return "\n".join([
         f"**{summary['n_samples']} synthetic samples** {'published to synthetic/' if summary['published'] else 'NOT published'}",
@@ -66,6 +68,11 @@ def augment_markdown(summary: dict[str, Any]) -> str:
         f"memorisation: {memo['flagged_count']} flagged ({memo['flagged_fraction']:.1%}), gate "
         f"{'passed' if gate['passed'] else 'FAILED'} (allowed {gate['max_flagged_fraction']:.1%}: {gate['rule']})",
         "", f"sample grid: `{summary['out_dir']}/samples.png`, report: `{summary['report']}`"])
+
+
+def _number(value: float | None) -> str:
+    """A metric for the table; n/a where the sets were too small to compute it (few held-out images)."""
+    return "n/a (too few held-out images)" if value is None else f"{value:.3f}"
 
 
 def run_experiment(store: str, out_dir: str, config: ExperimentConfig) -> dict[str, Any]:

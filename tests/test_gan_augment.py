@@ -135,3 +135,15 @@ def test_experiment_runs_every_arm_on_the_real_test_split(augmented):
             assert entry["low"] <= entry["value"] <= entry["high"] or not np.isfinite(entry["low"])
     assert (tmp / "experiment" / "experiment.png").stat().st_size > 0
     assert result["caveats"] and result["summary"]
+
+
+def test_augment_artifact_when_too_few_held_out_images_for_the_metrics():
+    """Under k + 2 held-out images the quality metrics are None: the artifact says n/a instead of crashing the flow."""
+    from flows.augment import augment_markdown
+
+    memo = {"flagged_count": 0, "flagged_fraction": 0.0,
+            "gate": {"passed": True, "max_flagged_fraction": 0.01, "rule": "chance"}}
+    summary = {"frechet_distance": {"fake": None, "real_test": None}, "prdc": {"fake": None, "real_test": None},
+               "memorisation": memo, "n_samples": 4, "published": True, "out_dir": "o", "report": "r"}
+    text = augment_markdown(summary)
+    assert "| Fréchet distance | n/a" in text and "| coverage | n/a" in text

@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from medpipe.gan.augment import AugmentConfig
 from medpipe.gan.experiment import ExperimentConfig
+from tasks.options import STEP_TASK
 
-TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
-
-@task(name="train-gan", **TASK)
+@task(name="train-gan", **STEP_TASK)
 def train_gan_task(store: str, out_dir: str, config: AugmentConfig, resume: bool) -> str:
     """Train the conditional GAN on STORE's train split; logs each epoch's losses; returns last.pt's path."""
     from medpipe.gan.train import train_gan
@@ -28,7 +26,7 @@ def train_gan_task(store: str, out_dir: str, config: AugmentConfig, resume: bool
     return str(result.last_path)
 
 
-@task(name="train-feature-classifier", **TASK)
+@task(name="train-feature-classifier", **STEP_TASK)
 def train_feature_classifier_task(store: str, out_dir: str, config: AugmentConfig) -> str:
     """The real-only classifier whose penultimate layer is the quality feature space; returns best.pt's path."""
     from medpipe.gan.augment import train_feature_classifier
@@ -36,7 +34,7 @@ def train_feature_classifier_task(store: str, out_dir: str, config: AugmentConfi
     return str(train_feature_classifier(store, out_dir, config.classifier_epochs, config.seed))
 
 
-@task(name="generate-measure-publish", **TASK)
+@task(name="generate-measure-publish", **STEP_TASK)
 def publish_synthetic_task(store: str, out_dir: str, config: AugmentConfig, generator: str,
                            classifier: str) -> dict[str, Any]:
     """Generate, measure quality and memorisation, publish when the gate passes; returns paths and numbers."""
@@ -49,7 +47,7 @@ def publish_synthetic_task(store: str, out_dir: str, config: AugmentConfig, gene
             "memorisation": result.memorisation}
 
 
-@task(name="augmentation-experiment", **TASK)
+@task(name="augmentation-experiment", **STEP_TASK)
 def experiment_task(store: str, out_dir: str, config: ExperimentConfig) -> dict[str, Any]:
     """The augmentation experiment; logs each run's test AUROC; returns the comparison (no arrays)."""
     from medpipe.gan.experiment import augmentation_experiment

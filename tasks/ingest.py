@@ -8,7 +8,6 @@ import functools
 from typing import Any, Callable, ParamSpec, TypeVar
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.deid import DeidKey
@@ -16,10 +15,8 @@ from medpipe.errors import safe_exception
 from medpipe.ingest import archive, duplicates, pipeline, scan, training
 from medpipe.ingest.records import ArchiveResult, ScanRecord, Unit
 from medpipe.ingest.units import UnitPlan
+from tasks.options import IO_TASK, STEP_TASK
 
-# persist_result=False: no result, failed or not, is written to Prefect's result storage.
-IO_TASK: dict[str, Any] = dict(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
-STEP_TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
 P = ParamSpec("P")
 R = TypeVar("R")

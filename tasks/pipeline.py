@@ -7,15 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from medpipe.pipeline import incremental, keys, ledger, publish
 from tasks.ingest import safe
-
-IO_TASK: dict[str, Any] = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-                               retry_jitter_factor=0.5, cache_policy=NO_CACHE, persist_result=False)
-STEP_TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
+from tasks.options import IO_TASK, STEP_TASK
 
 
 @task(name="publish", **IO_TASK)

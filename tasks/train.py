@@ -6,14 +6,12 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from medpipe.training.config import TrainConfig
+from tasks.options import STEP_TASK
 
-TASK: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
 
-
-@task(name="train-model", **TASK)
+@task(name="train-model", **STEP_TASK)
 def train_model(store: str, out_dir: str, config: TrainConfig, resume: bool, overwrite: bool,
                 progress: bool) -> dict[str, Any]:
     """Train; logs one line per epoch to Prefect. Returns the run summary (paths and numbers only), including
@@ -37,7 +35,7 @@ def train_model(store: str, out_dir: str, config: TrainConfig, resume: bool, ove
     return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in summary.items()}
 
 
-@task(name="evaluate-model", **TASK)
+@task(name="evaluate-model", **STEP_TASK)
 def evaluate_model(store: str, model: str, out_dir: str, split: str, n_boot: int, device: str) -> dict[str, Any]:
     """Metrics, figures and report for a checkpoint; returns paths and the metrics."""
     from medpipe.evaluation.evaluate import evaluate_checkpoint

@@ -3,7 +3,7 @@ and a served ingest deployment, each a separate process on loopback. A tiny demo
 deployment (runs created through the API; `make e2e` uses the `prefect` CLI) onto s3:// with the external
 scheduler, through a proxy that injects S3 faults, while one Dask worker is SIGKILLed with its archive writes in
 flight: every flow and task run ends Completed and the store equals a clean ingest's (same content hash, same
-accounting). `make e2e` runs the full pipeline version (tests/e2e/run_e2e.py, docs/e2e.md)."""
+accounting; this replaces the former in-process S3 ingest test). `make e2e` runs the full pipeline version (tests/e2e/run_e2e.py, docs/e2e.md)."""
 
 from __future__ import annotations
 

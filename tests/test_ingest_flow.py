@@ -194,19 +194,6 @@ def test_kill_and_rerun_gives_same_store(local_store, tmp_path, deid_key):
     assert rerun["content_hash"] == result["content_hash"]
 
 
-def test_s3_store_on_moto(local_store, moto_s3, deid_key):
-    import s3fs
-
-    source, _, local = local_store
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("medpipe-test")
-    fs.put(str(source) + "/", "medpipe-test/data/", recursive=True)
-    result = _run("s3://medpipe-test/data", "s3://medpipe-test/store.zarr")
-    assert result["counts"] == local["counts"] and result["content_hash"] == local["content_hash"]
-    root = zarr.open_group("s3://medpipe-test/store.zarr", mode="r")
-    assert root["training/images"].shape == (result["samples"], 1, 64, 64)
-
-
 def test_no_phi_in_store_logs_or_artifacts(local_store, demo_source):
     from tests.phi_scan import prefect_text, store_text
 

@@ -1,17 +1,16 @@
-"""A trivial flow served on a cron schedule, for tests/test_schedules.py: proves that a real `prefect server`
-schedules runs of a served deployment and that the served process starts them.
+"""A trivial flow served on schedules, for tests/test_schedules.py: proves that a real `prefect server` schedules
+runs of served deployments and that the served process starts them.
 
-    python -m tests.e2e.schedule_probe "* * * * *"     # serves e2e-schedule-probe/every-minute
+    python -m tests.e2e.schedule_probe      # serves e2e-schedule-probe/every-minute (cron) and /every-5-seconds
 """
 
 from __future__ import annotations
 
-import sys
-
-from prefect import flow
+from prefect import flow, serve
 
 FLOW = "e2e-schedule-probe"
-DEPLOYMENT = "every-minute"
+CRON_DEPLOYMENT = "every-minute"
+INTERVAL_DEPLOYMENT = "every-5-seconds"
 
 
 @flow(name=FLOW)
@@ -21,4 +20,5 @@ def probe() -> str:
 
 
 if __name__ == "__main__":
-    probe.serve(name=DEPLOYMENT, cron=sys.argv[1] if len(sys.argv) > 1 else "* * * * *")
+    serve(probe.to_deployment(name=CRON_DEPLOYMENT, cron="* * * * *"),
+          probe.to_deployment(name=INTERVAL_DEPLOYMENT, interval=5))

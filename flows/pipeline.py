@@ -349,8 +349,9 @@ def _predict(run: PipelineRun) -> StageRecord:
     p = run.params
     model = _promoted_model(run) or _model(run, "train") or _model(run, "retrain")
     if model is None:
-        raise PipelineStageError("the predict stage needs a promoted or trained model, and OUTPUT has none: run "
-                                 "the train stage too")
+        raise PipelineStageError("the predict stage needs a promoted model (OUTPUT/promoted.json) or one trained "
+                                 "with this run's train config on this store, and OUTPUT has neither: run the "
+                                 "train and promote stages first (weekly-retrain or on-demand)")
     assert p.predict_source is not None  # PipelineParams requires it when predict runs
     key = stage_key("predict", run.content_hash, lineage_config("predict", p), {"model": model.key},
                     extra={"source": t.listing_fingerprint(p.predict_source)})

@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check medpipe tasks flows
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile tests
 
 # The pipeline on real components, on loopback: a Prefect server, a Dask scheduler and two workers, a moto S3
 # server (all separate processes), the deployments served, faults injected; see docs/e2e.md.

@@ -1,18 +1,18 @@
-"""Ingest flow: discover -> scan (Dask, per shard) -> plan -> archive (Dask, per shard) -> lay out ->
-assemble training arrays (Dask, per shard) -> finalize; ends with a markdown artifact of the accounting."""
+"""Ingest flow: discover -> scan (Dask, per shard) -> plan -> ingest shards (Dask: archive + training samples from
+the same decoded arrays) -> training table -> finalize; ends with a markdown artifact of the accounting."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runtime import dask_client, dask_task_runner, gather, held_lock, load_key, shared_api_server
+from flows.runtime import dask_client, dask_task_runner, held_lock, load_key, shared_api_server
 from medpipe.config import IngestConfig
 from medpipe.deid import DeidKey
 from medpipe.ingest.lock import lock_url
-from medpipe.ingest.pipeline import collect_archive, duplicate_checks, unit_shards
+from medpipe.ingest.pipeline import run_ingest_steps
 from medpipe.preflight import check_workers_access
 from medpipe.report import ingest_markdown
 from tasks import ingest as t
@@ -48,36 +48,14 @@ def ingest_on_cluster(source: str, store: str, config: dict[str, Any], key_secre
 
 def _ingest(source: str, store: str, cfg: IngestConfig, key: DeidKey, run_id: str, show_progress: bool,
             retry_quarantined: bool) -> dict[str, Any]:
-    """The pipeline diagram: prepare -> scan -> duplicates -> plan -> archive -> lay out -> assemble -> finalize."""
+    """prepare, then the steps of medpipe.ingest.pipeline.run_ingest_steps (scan -> duplicates -> plan -> ingest
+    shards (archive + samples) -> training -> finalize), mapped steps as one task run per shard."""
     run = t.prepare(source, store, cfg, key, run_id, retry_quarantined)
     if run.up_to_date:
         return {**(run.previous or {}), "noop": True}
     for problem in run.problems:
         get_run_logger().warning("the store was marked complete but %s: ingesting again", problem)
-
-    limit = cfg.max_image_bytes
-    scanned = gather(t.scan_shard.map(source, run.scan_shards(), unmapped(key), unmapped(limit)), "scan", show_progress)
-    scans = [record for shard in scanned for record in shard]
-    digests: dict[int, str | None] = {}
-    checks = duplicate_checks(run, scans)
-    for part in gather(t.compare_duplicates.map(source, checks, unmapped(limit)), "duplicates", show_progress):
-        digests.update(part)
-    plan, tags = t.plan_units(run, scans, digests, key)
-
-    shards = unit_shards(run, plan)
-    shard_tags = [{u.id: tags[u.id] for u in shard} for shard in shards]  # send each task only its own
-    archived = gather(t.archive_shard.map(source, store, shards, unmapped(key), unmapped(cfg.store), shard_tags,
-                                          unmapped(run_id), unmapped(limit)), "archive", show_progress)
-    outcome = collect_archive(archived)
-
-    layout, fingerprint = t.lay_out_training(run, outcome)
-    starts, stops = [r[0] for r in layout.ranges], [r[1] for r in layout.ranges]
-    parts = [layout.for_range(a, b) for a, b in layout.ranges]
-    assembled = gather(t.assemble_shard.map(store, parts, starts, stops, unmapped(cfg.preprocess), unmapped(run_id),
-                                             unmapped(cfg.store)),
-                       "assemble", show_progress)
-
-    summary = t.finalize(run, plan, outcome, layout, fingerprint, key, assembled)
+    summary = run_ingest_steps(run, key, mapper=t.prefect_mapper(show_progress), driver=t.prefect_driver)
     for warning in summary["warnings"]:
         get_run_logger().warning("%s", warning)
     create_markdown_artifact(key="ingest-summary", markdown=ingest_markdown(summary),

@@ -66,8 +66,17 @@ class StoreConfig(_Section):
 
     chunk_bytes: int = Field(default=4 << 20, ge=1 << 12, description="target bytes of one training chunk")
     chunks_per_shard: int = Field(default=16, ge=1)
-    codec: Literal["zstd", "lz4", "none"] = "zstd"
-    level: int = Field(default=1, ge=0, le=22, description="Blosc level; 1 measured fastest at ~equal ratio")
+    codec: Literal["zstd", "lz4", "none"] = Field(
+        default="zstd", description="Blosc compressor of the training arrays (fixed and volumes layouts)")
+    level: int = Field(default=1, ge=0, le=9, description="Blosc level of the training arrays; 1 measured fastest "
+                       "at ~equal ratio (docs/benchmarks.md)")
+    training_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="dtype of the training images: float16 halves their bytes (normalised "
+        "intensities keep ~3 significant digits); zarr 3 has no bfloat16 data type, so bfloat16 is not offered")
+    archive_codec: Literal["auto", "jpegls", "zstd", "lz4", "none"] = Field(
+        default="auto", description="lossless codec of the archive images: auto = the measured choice per dtype "
+        "(JPEG-LS for 8/16-bit integer images, Blosc zstd otherwise and for masks; medpipe/codecs.py)")
+    archive_level: int = Field(default=3, ge=0, le=9, description="Blosc level of the archive when it uses Blosc")
     volume_chunk: int = Field(default=64, ge=8, le=512, description="volumes layout: chunk edge (voxels) of each "
                               "case's arrays; a patch read decodes only the chunks it touches")
 

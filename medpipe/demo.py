@@ -767,7 +767,7 @@ def _ct_volume(
         hu += (float(rng.uniform(1.5, 3.0)) * noise * vessel * tissue).astype(np.float32)
 
     r = max(1.5, float(rng.uniform(*CT_LESION_RADIUS)) * scale)  # in-plane radius, voxels
-    rz = max(1.0, r * CT_PIXEL_SPACING / CT_SLICE_THICKNESS)  # round in mm
+    rz = min(max(1.0, r * CT_PIXEL_SPACING / CT_SLICE_THICKNESS), (nz - 1) / 2 - 0.5)  # round in mm; fits the slab
     cnr = float(rng.uniform(*CT_LESION_CNR))
     cands = np.column_stack([rng.uniform(rz, nz - 1 - rz, 30), c0y + rng.uniform(-0.7, 0.7, 30) * b,
                              c0x + rng.uniform(-0.7, 0.7, 30) * a])

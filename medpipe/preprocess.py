@@ -72,10 +72,16 @@ def to_training_sample(
     mask: np.ndarray | None = None,
     norm: dict[str, Any] | None = None,
     target_spacing: tuple[float, ...] | None = None,
+    intensities: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One archive image (C,Y,X or C,Z,Y,X; native dtype/HU) -> float32 (channels, *shape) and uint8 mask."""
+    """One archive image (C,Y,X or C,Z,Y,X; native dtype/HU) -> float32 (channels, *shape) and uint8 mask.
+
+    `intensities=False` leaves intensities as they are (CT in HU): the caller normalises with the dataset's
+    statistics once they are known (medpipe.ingest.training.normalize_rows)."""
     check_kind(pixels.shape, config)
-    x = normalize(convert_channels(pixels, config.channels), modality, norm)
+    x = convert_channels(pixels, config.channels).astype(np.float32, copy=False)
+    if intensities:
+        x = normalize(x, modality, norm)
     m = None if mask is None else mask[:1].astype(np.float32)
     spatial = tuple(config.shape)
     if config.kind == "3d":

@@ -17,10 +17,10 @@ from typing import Any, Iterable, Literal, Mapping
 import fsspec
 import numpy as np
 import zarr
-import zarr.codecs as zc
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
+from medpipe.codecs import Layer, codec_chain  # importing medpipe.codecs registers the medpipe.jpegls codec
 from medpipe.config import StoreConfig
 from medpipe.errors import UserError
 
@@ -70,11 +70,11 @@ def store_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
-def compressors(config: StoreConfig) -> tuple[Any, ...]:
-    """Codec chain chosen by config: Blosc (byte shuffle) with zstd or lz4, or none (see docs/benchmarks.md)."""
-    if config.codec == "none":
-        return ()
-    return (zc.BloscCodec(cname=config.codec, clevel=config.level, shuffle="shuffle"),)
+def compressors(config: StoreConfig, layer: Layer = "training_images", dtype: Any = "float32") -> tuple[Any, ...]:
+    """Bytes-to-bytes codecs of a training or volume layer (medpipe.codecs.codec_chain has every layer's chain)."""
+    if layer.startswith("archive"):
+        raise ValueError("archive layers may use an image codec: create them with codec_chain")
+    return tuple(codec_chain(layer, config, dtype)["compressors"])
 
 
 def write_json(url: str, relative: str, payload: Any) -> None:
@@ -133,16 +133,18 @@ def write_archive_image(
     Arrays are written with zarr directly and the NGFF 0.5 metadata with ome-zarr's metadata writers: ome-zarr's
     write_image goes through dask and builds a pyramid, ~60 ms per image here, too slow for 10k small files.
     """
-    with zarr.config.set({"json_indent": 0}):  # compact metadata: many small images each carry two zarr.json
+    with zarr.config.set({"json_indent": None}):  # one-line metadata: small images each carry 2-5 zarr.json
         _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs)
 
 
-def _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs) -> None:
+def _write_archive_image(root: zarr.Group, unit_id: str, pixels: np.ndarray, spacing: tuple[float, ...],
+                         config: StoreConfig, mask: np.ndarray | None, attrs: Mapping[str, Any] | None) -> None:
     group = root.require_group("archive").create_group(unit_id, overwrite=True)
     scale = [1.0, *map(float, spacing)]
     fmt = FormatV05()
     image = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=_archive_chunks(pixels.shape),
-                               compressors=compressors(config), dimension_names=_dimension_names(pixels.ndim))
+                               dimension_names=_dimension_names(pixels.ndim),
+                               **codec_chain("archive", config, pixels.dtype))
     image[...] = pixels
     write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
                                fmt=fmt, axes=_axes(pixels.ndim), name="image")
@@ -150,7 +152,8 @@ def _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs) ->
         labels = group.create_group("labels")
         label_group = labels.create_group("mask")
         arr = label_group.create_array("0", shape=mask.shape, dtype=mask.dtype, chunks=_archive_chunks(mask.shape),
-                                       compressors=compressors(config), dimension_names=_dimension_names(mask.ndim))
+                                       dimension_names=_dimension_names(mask.ndim),
+                                       **codec_chain("archive_mask", config, mask.dtype))
         arr[...] = mask
         write_multiscales_metadata(label_group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
                                    fmt=fmt, axes=_axes(mask.ndim), name="mask")
@@ -192,20 +195,22 @@ def create_training_arrays(
     root: zarr.Group, n: int, sample_shape: tuple[int, ...], with_masks: bool, config: StoreConfig
 ) -> int:
     """Create empty training/{images,labels,masks}; returns samples per shard (the unit of one writing task)."""
-    spc = samples_per_chunk(sample_shape, 4, config.chunk_bytes)
+    dtype = np.dtype(config.training_dtype)
+    spc = samples_per_chunk(sample_shape, dtype.itemsize, config.chunk_bytes)
     per_shard = spc * config.chunks_per_shard
     training = root.create_group("training", overwrite=True)
-    comp = compressors(config)
     shard_n = max(spc, min(per_shard, _round_up(max(n, 1), spc)))
     names = _dimension_names(len(sample_shape) + 1, ("n",))
-    training.create_array("images", shape=(n, *sample_shape), dtype="float32", chunks=(spc, *sample_shape),
-                          shards=(shard_n, *sample_shape), compressors=comp, fill_value=0.0, dimension_names=names)
+    training.create_array("images", shape=(n, *sample_shape), dtype=dtype, chunks=(spc, *sample_shape),
+                          shards=(shard_n, *sample_shape), fill_value=0.0, dimension_names=names,
+                          **codec_chain("training_images", config, dtype))
     training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1,
                           dimension_names=("n",))
     if with_masks:
         mask_shape = (1, *sample_shape[1:])
         training.create_array("masks", shape=(n, *mask_shape), dtype="uint8", chunks=(spc, *mask_shape),
-                              shards=(shard_n, *mask_shape), compressors=comp, fill_value=0, dimension_names=names)
+                              shards=(shard_n, *mask_shape), fill_value=0, dimension_names=names,
+                              **codec_chain("training_masks", config, "uint8"))
     return shard_n
 
 

@@ -1,21 +1,24 @@
 """Thin Prefect tasks over medpipe.ingest: retries on I/O, no result persistence, and nothing identifying in what
 Prefect stores: results carry pseudonyms and hashes only, and an unexpected exception leaves a task as a
-`StepFailed` naming its type (the traceback stays in a local file, see medpipe.errors.safe_exception)."""
+`StepFailed` naming its type (the traceback stays in a local file, see medpipe.errors.safe_exception).
+
+The steps themselves and their order live in `medpipe.ingest.pipeline.run_ingest_steps`; the flow hands it
+`prefect_mapper` (mapped steps: one task run per shard on the flow's Dask task runner, progress on the terminal)
+and `prefect_driver` (driver steps: one task run in the flow's process), so Prefect shows a state per shard and per
+step while the work is exactly what the benchmarks run on bare Dask."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import task, unmapped
 
-from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
+from medpipe.config import IngestConfig
 from medpipe.deid import DeidKey
 from medpipe.errors import safe_exception
-from medpipe.ingest import archive, duplicates, pipeline, scan, training
-from medpipe.ingest.records import ArchiveResult, ScanRecord, Unit
-from medpipe.ingest.units import UnitPlan
-from tasks.options import IO_TASK, STEP_TASK
+from medpipe.ingest import pipeline
+from tasks.options import IO_TASK
 
 
 P = ParamSpec("P")
@@ -45,49 +48,25 @@ def prepare(source: str, store: str, config: IngestConfig, key: DeidKey, run_id:
     return pipeline.prepare_ingest(source, store, config, key, run_id, retry_quarantined)
 
 
-@task(name="scan-shard", **IO_TASK)
-@safe("scan-shard")
-def scan_shard(source: str, items: list[tuple[int, str]], key: DeidKey, max_image_bytes: int) -> list[ScanRecord]:
-    return scan.scan_shard(source, items, key, max_image_bytes)
+@task(name="step", **IO_TASK)
+def run_step(step: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """One step of the ingest, `fn(*args)` (a shard of a mapped step, or a driver step); retried on failure."""
+    return safe(step)(fn)(*args)
 
 
-@task(name="compare-duplicates", **IO_TASK)
-@safe("compare-duplicates")
-def compare_duplicates(source: str, items: list[tuple[int, str]], max_image_bytes: int) -> dict[int, str | None]:
-    return duplicates.pixel_digests(source, items, max_image_bytes)
+def prefect_mapper(show_progress: bool) -> pipeline.Mapper:
+    """A Mapper that runs each call as a task run `<step>-shard` on the flow's task runner."""
+    from flows.runtime import gather  # flows import tasks, never the other way round at import time
+
+    def mapper(step: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        if not calls:
+            return []
+        futures = run_step.with_options(name=f"{step}-shard").map(unmapped(step), unmapped(fn), calls)
+        return gather(futures, step, show_progress)
+
+    return mapper
 
 
-@task(name="plan-units", **STEP_TASK)
-@safe("plan-units")
-def plan_units(run: pipeline.IngestRun, scans: list[ScanRecord], digests: dict[int, str | None],
-               key: DeidKey) -> tuple[UnitPlan, dict[str, str]]:
-    return pipeline.plan_ingest(run, scans, digests, key)
-
-
-@task(name="archive-shard", **IO_TASK)
-@safe("archive-shard")
-def archive_shard(source: str, store: str, units: list[Unit], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str], run_id: str, max_image_bytes: int) -> list[ArchiveResult]:
-    return archive.archive_shard(source, store, units, key, config, tags, run_id, max_image_bytes)
-
-
-@task(name="lay-out-training", **IO_TASK)
-@safe("lay-out-training")
-def lay_out_training(run: pipeline.IngestRun, outcome: pipeline.ArchiveOutcome
-                     ) -> tuple[training.TrainingLayout, dict[str, Any]]:
-    return pipeline.lay_out_ingest(run, outcome)
-
-
-@task(name="assemble-shard", **IO_TASK)
-@safe("assemble-shard")
-def assemble_shard(store: str, layout: training.TrainingLayout, start: int, stop: int, config: PreprocessConfig,
-                   run_id: str, store_config: StoreConfig) -> training.AssembleResult:
-    return training.assemble_range(store, layout, start, stop, config, run_id, store_config)
-
-
-@task(name="finalize", **IO_TASK)
-@safe("finalize")
-def finalize(run: pipeline.IngestRun, plan: UnitPlan, outcome: pipeline.ArchiveOutcome,
-             layout: training.TrainingLayout, fingerprint: dict[str, Any], key: DeidKey,
-             assembled: list[training.AssembleResult]) -> dict[str, Any]:
-    return pipeline.finish_ingest(run, plan, outcome, layout, fingerprint, key, assembled)
+def prefect_driver(step: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A Driver that runs a driver step as the task run `<step>` in the flow's process."""
+    return run_step.with_options(name=step)(step, fn, args)

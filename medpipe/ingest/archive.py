@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import fsspec
@@ -21,12 +21,10 @@ from medpipe.deid import DEID_RULES_VERSION, DeidAudit, DeidKey, Pseudonymizer, 
 from medpipe.fingerprint import intensity_sample
 from medpipe.ingest.discover import source_fs
 from medpipe.errors import InfrastructureError
-from medpipe.ingest.limits import image_byte_limit
-from medpipe.ingest.lock import check_lock
-from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Unit, UnitKind
+from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, Unit, UnitKind
 from medpipe.readers import UnreadableFile, read_nifti, read_unit
 from medpipe.readers.base import is_infrastructure_error
-from medpipe.store import array_checksum, attrs_of, get_array, open_store, write_archive_image
+from medpipe.store import array_checksum, attrs_of, read_archive_image
 from medpipe.volumes import canonical_ornt, ras_affine, reorient
 
 # Bump when medpipe.readers changes what a file decodes to (series assembly, geometry, rescale): every unit
@@ -66,12 +64,20 @@ def _spatial(pixels: np.ndarray, spacing: tuple[float, ...]
     return (c, z, y, x), (dz, dy, dx)
 
 
-def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, config: StoreConfig,
-                 input_tag: str, max_image_bytes: int | None = None) -> ArchiveResult:
-    """Decode + de-identify + write one unit; returns its record, or the reason it could not be decoded."""
-    previous = _previous_record(root, unit.id, input_tag)
-    if previous is not None:
-        return previous
+@dataclass
+class DecodedUnit:
+    """A unit decoded once, de-identified and ready to archive: its record, pixels (C, [Z,] Y, X), mask (or None) and
+    spacing as decoded (2 or 3 values). The training sample is made from these same arrays (medpipe.ingest.shard)."""
+
+    record: ArchiveRecord
+    pixels: np.ndarray
+    mask: np.ndarray | None
+    spacing: tuple[float, ...]
+
+
+def decode_unit(unit: Unit, source_url: str, key: DeidKey, input_tag: str,
+                max_image_bytes: int | None = None) -> DecodedUnit | ArchiveFailure:
+    """Decode + de-identify one unit (each file read once); the reason it could not be decoded otherwise."""
     fs, base = source_fs(source_url)
     pseudonyms = Pseudonymizer(key)
     try:
@@ -100,14 +106,26 @@ def archive_unit(unit: Unit, source_url: str, root: zarr.Group, key: DeidKey, co
         dicom=header, audit=tuple(audit.to_compact()),
         checksum=array_checksum(pixels, *([mask] if mask is not None else [])),
         affine=tuple(tuple(float(v) for v in row) for row in affine) if known else None,
+        # the intensity sample feeds the fingerprint; recomputed on reruns rather than stored with every image
+        intensity_sample=tuple(intensity_sample(pixels, modality, _seed(unit.id))),
     )
-    write_archive_image(root, unit.id, pixels, image.spacing, config, mask=mask, attrs=record.to_attrs())
-    # the intensity sample feeds the fingerprint; recomputed on reruns rather than stored with every image
-    return replace(record, intensity_sample=tuple(intensity_sample(pixels, modality, _seed(unit.id))))
+    return DecodedUnit(record, pixels, mask, tuple(float(v) for v in image.spacing))
+
+
+def previous_unit(root: zarr.Group, unit_id: str, input_tag: str) -> DecodedUnit | None:
+    """A unit archived earlier from exactly these inputs (a rerun skips decoding it), read back from the archive
+    (the only case where medpipe reads its own archive during ingest), else None."""
+    record = _previous_record(root, unit_id, input_tag)
+    if record is None:
+        return None
+    pixels, mask, _ = read_archive_image(root, unit_id)
+    spacing = record.spacing if pixels.ndim == 4 else record.spacing[1:]
+    sample = tuple(intensity_sample(pixels, record.modality, _seed(unit_id)))
+    return DecodedUnit(replace(record, intensity_sample=sample), pixels, mask, tuple(spacing))
 
 
 def _previous_record(root: zarr.Group, unit_id: str, input_tag: str) -> ArchiveRecord | None:
-    """The record of an archive image already written for exactly these inputs (a rerun skips it), else None."""
+    """The record of an archive image already written for exactly these inputs, else None."""
     existing = root.get(f"archive/{unit_id}") if "archive" in root else None
     if not isinstance(existing, zarr.Group):
         return None
@@ -115,11 +133,9 @@ def _previous_record(root: zarr.Group, unit_id: str, input_tag: str) -> ArchiveR
     if attrs.get("input_tag") != input_tag:
         return None
     try:
-        record = ArchiveRecord.from_attrs(attrs)
+        return ArchiveRecord.from_attrs(attrs)
     except (KeyError, TypeError, ValueError):  # written by an older medpipe: archive again
         return None
-    sample = intensity_sample(np.asarray(get_array(existing, "0")[...]), record.modality, _seed(unit_id))
-    return replace(record, intensity_sample=tuple(sample))
 
 
 def _seed(unit_id: str) -> int:
@@ -197,12 +213,3 @@ def _onto_image_axes(mask: np.ndarray, mask_affine: np.ndarray, image_affine: np
     shape_xyz = tuple(int(s) for s in mask.shape[1:][::-1])
     new_affine = mask_affine @ nib.orientations.inv_ornt_aff(ornt, shape_xyz)
     return reorient(mask, ornt), new_affine
-
-
-def archive_shard(source_url: str, store_url: str, units: list[Unit], key: DeidKey, config: StoreConfig,
-                  tags: dict[str, str], run_id: str, max_image_bytes: int) -> list[ArchiveResult]:
-    """Archive every unit of a shard; `tags` maps unit id -> input tag. Returns one record per unit."""
-    check_lock(store_url, run_id)
-    root = open_store(store_url, mode="a")
-    limit = image_byte_limit(max_image_bytes)
-    return [archive_unit(u, source_url, root, key, config, tags[u.id], limit) for u in units]

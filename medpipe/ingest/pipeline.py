@@ -1,7 +1,14 @@
-"""The driver-side steps of an ingest run, between the mapped (parallel) steps.
+"""An ingest run: the driver-side steps and their order around the mapped (parallel) steps.
 
     prepare_ingest -> scan_shard (mapped) -> duplicate_checks -> pixel_digests (mapped, only for shared UIDs)
-    -> plan_ingest -> archive_shard (mapped) -> lay_out_ingest -> assemble_range (mapped) -> finish_ingest
+    -> plan_ingest -> plan_training (rows before archiving) -> ingest_shard (mapped: archive + samples)
+    -> finish_training -> normalize_rows (mapped, only shards holding CT) -> finish_ingest
+
+3D stores whose target spacing is planned from the dataset make their samples after archiving instead:
+    ... -> ingest_shard (mapped: archive only) -> lay_out_ingest -> assemble_range (mapped) -> finish_ingest
+
+`run_ingest_steps` runs the whole sequence with a `mapper` for the parallel steps: the Prefect flow maps tasks
+on its Dask task runner, the benchmarks map on bare Dask or serially, so both run exactly the same work.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from medpipe import __version__
 from medpipe.config import IngestConfig
@@ -20,11 +27,19 @@ from medpipe.ingest.archive import READER_RULES_VERSION, run_tag, unit_input_tag
 from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
 from medpipe.ingest.finalize import account, finalize_store, verify_store
 from medpipe.ingest.lock import check_lock
-from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit
-from medpipe.ingest.training import AssembleResult, TrainingLayout, layout_training
+from medpipe.ingest.duplicates import pixel_digests
+from medpipe.ingest.mask_check import AssembleResult
+from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit, UnitKind
+from medpipe.ingest.scan import scan_shard
+from medpipe.ingest.shard import ShardResult, ShardWork, ingest_shard
+from medpipe.ingest.training import (TrainingLayout, assemble_range, deferred_rows, finish_training, layout_training,
+                                     normalize_rows, plan_training, samples_before_archive)
 from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
 from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
+
+
+TASKS_PER_WORKER = 4  # ingest tasks per Dask worker: enough to balance uneven shards, few enough to stay cheap
 
 
 class KeyMismatchError(StoreError):
@@ -167,9 +182,56 @@ def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[Unit]]:
     return shards
 
 
-def collect_archive(shard_results: list[list[ArchiveResult]]) -> ArchiveOutcome:
-    """Flatten the mapped archive results; archived records apart (failures are settled by the accounting)."""
-    results = [r for shard in shard_results for r in shard]
+def unit_depths(plan: UnitPlan, scans: list[ScanRecord]) -> dict[str, int | None]:
+    """Slices of each unit from its headers: files of a series, frames of a multi-frame file (or of its stack),
+    NIfTI/raster depth; None when the headers do not say."""
+    by_index = {s.index: s for s in scans}
+    depths: dict[str, int | None] = {}
+    for unit in plan.units:
+        scan = by_index.get(unit.indices[0])
+        if unit.kind == UnitKind.dicom_series:
+            depths[unit.id] = len(unit.indices)
+        elif unit.frames is not None:
+            depths[unit.id] = len(unit.frames)
+        elif scan is not None and scan.dicom is not None:
+            depths[unit.id] = scan.dicom.slice.frames
+        else:
+            depths[unit.id] = scan.depth if scan is not None else None
+    return depths
+
+
+def plan_samples(run: IngestRun, plan: UnitPlan, scans: list[ScanRecord]) -> TrainingLayout | None:
+    """The training rows planned before archiving (see `samples_before_archive`), or None (3D stores whose target
+    spacing comes from the dataset). Creates the archive group the tasks write into."""
+    check_lock(run.store, run.run_id)
+    open_store(run.store, mode="a").require_group("archive")
+    if not samples_before_archive(run.config.preprocess):
+        return None
+    return plan_training(run.store, plan.units, unit_depths(plan, scans), run.manifest.classes, run.config,
+                         min_tasks=TASKS_PER_WORKER * run.config.workers)
+
+
+def shard_work(run: IngestRun, plan: UnitPlan, tags: dict[str, str], layout: TrainingLayout | None
+               ) -> list[ShardWork]:
+    """The ingest tasks: with planned samples, one per write range (whole shards of rows, sized by bytes), the
+    units without a row spread over them; else shards of about `files_per_shard` files."""
+    def work(units: list[Unit], start: int = 0, stop: int = 0) -> ShardWork:
+        return ShardWork(tuple(units), {u.id: tags[u.id] for u in units}, start, stop,
+                         None if layout is None or stop <= start else layout.for_range(start, stop))
+
+    if layout is None or not layout.ranges:
+        return [work(units) for units in unit_shards(run, plan)]
+    by_id = {u.id: u for u in plan.units}
+    rows = set(layout.unit_ids)
+    groups = [[by_id[u] for u in layout.unit_ids[a:b]] for a, b in layout.ranges]
+    for i, unit in enumerate(u for u in plan.units if u.id not in rows):
+        groups[i % len(groups)].append(unit)
+    return [work(units, a, b) for units, (a, b) in zip(groups, layout.ranges)]
+
+
+def collect_archive(shard_results: list[ShardResult]) -> ArchiveOutcome:
+    """Flatten the mapped results; archived records apart (failures are settled by the accounting)."""
+    results = [r for shard in shard_results for r in shard.results]
     return ArchiveOutcome(records=[r for r in results if not isinstance(r, ArchiveFailure)], results=results)
 
 
@@ -202,3 +264,54 @@ def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layou
 def _stored_key_check(store: str) -> dict[str, Any]:
     attrs = store_attrs(store)
     return dict(attrs.get("key_check") or {})
+
+
+class Mapper(Protocol):
+    """Runs `fn` once per argument tuple, in parallel where it can; results in the order of `calls`."""
+
+    def __call__(self, step: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]: ...
+
+
+def serial_mapper(step: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+    """A Mapper that runs every call here, one after the other."""
+    return [fn(*args) for args in calls]
+
+
+class Driver(Protocol):
+    """Runs one driver step `fn(*args)` here (a Prefect flow runs it as a task run, with retries)."""
+
+    def __call__(self, step: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+def direct_driver(step: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A Driver that calls the step."""
+    return fn(*args)
+
+
+def run_ingest_steps(run: IngestRun, key: DeidKey, mapper: Mapper = serial_mapper,
+                     driver: Driver = direct_driver) -> dict[str, Any]:
+    """Every step after `prepare_ingest` (the caller holds the store's lock for `run.run_id`); returns the store
+    summary. Only references, plans and records cross between the driver and the mapped steps, never pixels."""
+    source, store, cfg, limit = run.source, run.store, run.config, run.config.max_image_bytes
+    scans = [r for part in mapper("scan", scan_shard, [(source, items, key, limit) for items in run.scan_shards()])
+             for r in part]
+    digests: dict[int, str | None] = {}
+    for part in mapper("duplicates", pixel_digests, [(source, items, limit) for items in duplicate_checks(run, scans)]):
+        digests.update(part)
+    plan, tags = driver("plan", plan_ingest, run, scans, digests, key)
+    layout = driver("plan-samples", plan_samples, run, plan, scans)
+    shards = mapper("ingest", ingest_shard, [(source, store, w, key, cfg, run.run_id)
+                                             for w in shard_work(run, plan, tags, layout)])
+    outcome = collect_archive(shards)
+    if layout is None:  # 3D with the target spacing planned from the dataset: samples from the archive
+        layout, fingerprint = driver("lay-out-training", lay_out_ingest, run, outcome)
+        assembled = mapper("assemble", assemble_range, [(store, layout.for_range(a, b), a, b, cfg.preprocess,
+                                                         run.run_id, cfg.store) for a, b in layout.ranges])
+    else:
+        fingerprint = compute_fingerprint(outcome.records)
+        layout, missing = driver("finish-training", finish_training, store, layout, outcome.records, fingerprint,
+                                 cfg.preprocess, run.run_id)
+        mapper("normalize", normalize_rows, [(store, layout.for_range(a, b), a, b, run.run_id)
+                                             for a, b in deferred_rows(layout, outcome.records)])
+        assembled = [s.assembled for s in shards] + [AssembleResult(failures=missing)]
+    return driver("finalize", finish_ingest, run, plan, outcome, layout, fingerprint, key, assembled)

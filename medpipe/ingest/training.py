@@ -7,21 +7,24 @@ Two layouts (docs/store.md): "fixed" = one (N, C, *shape) array (2D; a 3D option
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.ingest.lock import check_lock
-from medpipe.ingest.records import ArchiveRecord
-from medpipe.preprocess import NotTrainable, check_kind, to_training_sample
+from medpipe.ingest.records import ArchiveRecord, Unit
+from medpipe.preprocess import NotTrainable, check_kind, normalize, to_training_sample
 from medpipe.readers.base import is_infrastructure_error
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
 from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
-from medpipe.ingest.volume_cases import assemble_volumes, case_geometry, create_volume_layout, plan_volumes
-from medpipe.store import create_training_arrays, get_array, open_store, read_archive_image, write_sample_table
+from medpipe.ingest.volume_cases import (CASES_PER_TASK, assemble_volumes, case_geometry, create_volume_layout,
+                                        plan_volumes)
+from medpipe.store import (create_training_arrays, get_array, open_store, read_archive_image, samples_per_chunk,
+                           write_sample_table)
 
 
 @dataclass
@@ -42,12 +45,18 @@ class TrainingLayout:
     split_patients: dict[str, int] = field(default_factory=dict)  # patients per split
     warnings: list[str] = field(default_factory=list)
     offset: int = 0  # index of unit_ids[0] in the training arrays (non-zero for a range's slice)
+    split_codes: list[int] = field(default_factory=list)  # planned before archive: split code per row
+    deferred: tuple[str, ...] = ()  # modalities whose samples wait for the dataset's statistics (CT in HU)
 
     def for_range(self, start: int, stop: int) -> "TrainingLayout":
         """A copy that carries only the unit ids of [start, stop): what one assembling task needs to be sent."""
         return replace(self, unit_ids=self.unit_ids[start - self.offset : stop - self.offset],
                        modalities=self.modalities[start - self.offset : stop - self.offset],
-                       excluded=[], offset=start)
+                       excluded=[], split_codes=[], warnings=[], offset=start)
+
+    @property
+    def volumes(self) -> bool:
+        return self.layout == "volumes"
 
 
 def _target_spacing(config: PreprocessConfig, fingerprint: dict[str, Any],
@@ -126,9 +135,158 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     )
 
 
+def samples_before_archive(config: PreprocessConfig) -> bool:
+    """True when a unit's training sample depends on nothing but the unit itself and the config: 2D, or 3D with a
+    configured target spacing. Then the archiving task makes it from the array it just decoded (one decode per
+    file); otherwise (3D, spacing planned from the dataset) the samples are made after planning, from the archive."""
+    return config.kind == "2d" or config.target_spacing is not None
+
+
+def fits_kind(depth: int | None, config: PreprocessConfig) -> NotTrainable | None:
+    """Why a unit of `depth` slices (from its headers; None = unknown until decoded) cannot be a sample of the
+    configured kind, or None."""
+    if depth is None:
+        return None
+    try:
+        check_kind((1, depth, 1, 1) if depth > 1 else (1, 1, 1), config)
+    except NotTrainable as exc:
+        return exc
+    return None
+
+
+def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | None], classes: list[str],
+                  config: IngestConfig, min_tasks: int) -> TrainingLayout:
+    """Before archiving: the row (or case) of every unit that fits the configured kind, split by patient, ordered
+    with the seed; creates the training arrays with shards sized so that about `min_tasks` tasks each own whole
+    shards (never more than `config.store.chunks_per_shard` chunks per shard). Writes the labels."""
+    pre = config.preprocess
+    eligible, excluded = [], []
+    for unit in sorted(units, key=lambda u: u.id):
+        reason = fits_kind(depths.get(unit.id), pre)
+        if reason is None:
+            eligible.append(unit)
+        else:
+            excluded.append({"unit": unit.id, "reason": str(reason)})
+    order = np.random.default_rng(config.order_seed).permutation(len(eligible))
+    chosen = [eligible[i] for i in order]
+    labels = [classes.index(u.label) if u.label in classes else -1 for u in chosen]
+    patients = [u.patient for u in chosen]
+    split_of = split_patients(patients, config.split)
+    n = len(chosen)
+    volumes = pre.effective_layout() == "volumes"
+    sample_shape = (pre.channels, *pre.shape)
+    with_masks = any(u.mask is not None for u in chosen)
+    root = open_store(store_url, mode="a")
+    if volumes:
+        per_task = max(1, min(CASES_PER_TASK, -(-n // max(min_tasks, 1))))
+        create_volume_layout(root, n)
+    else:
+        per_chunk = samples_per_chunk(sample_shape, np.dtype(training_dtype(config.store)).itemsize,
+                                      config.store.chunk_bytes)
+        chunks = max(1, -(-n // per_chunk))
+        k = max(1, min(config.store.chunks_per_shard, -(-chunks // max(min_tasks, 1))))
+        per_task = create_training_arrays(root, n, sample_shape, with_masks,
+                                          config.store.model_copy(update={"chunks_per_shard": k}))
+    get_array(root, "training/labels")[...] = np.asarray(labels, dtype=np.int64) if n else np.zeros(0, np.int64)
+    codes = [split_of[p] for p in patients]
+    return TrainingLayout(
+        unit_ids=[u.id for u in chosen], modalities=[u.modality for u in chosen], sample_shape=sample_shape,
+        with_masks=with_masks, ranges=[(a, min(a + per_task, n)) for a in range(0, n, per_task)],
+        normalization=dict(pre.normalization) if pre.normalization is not None else {},
+        target_spacing=pre.target_spacing if pre.kind == "3d" else None, excluded=excluded,
+        layout="volumes" if volumes else "fixed",
+        splits={name: codes.count(code) for code, name in enumerate(SPLIT_NAMES)},
+        split_patients={name: sum(1 for c in split_of.values() if c == code) for code, name in enumerate(SPLIT_NAMES)},
+        warnings=split_warnings(split_of, patient_labels(patients, labels), config.split, classes),
+        split_codes=codes, deferred=() if pre.normalization is not None else ("CT",),
+    )
+
+
+def training_dtype(store: StoreConfig) -> str:
+    """dtype of training/images (float32 unless the store config asks for a smaller one)."""
+    return str(getattr(store, "training_dtype", "float32"))
+
+
+def finish_training(store_url: str, layout: TrainingLayout, records: list[ArchiveRecord], fingerprint: dict[str, Any],
+                    config: PreprocessConfig, run_id: str) -> tuple[TrainingLayout, list[dict[str, Any]]]:
+    """After archiving (samples planned before): the sample table, the dataset normalisation of deferred
+    modalities, the volumes plan; returns the final layout and the failures of rows whose unit was not archived."""
+    check_lock(store_url, run_id)
+    by_id = {r.id: r for r in records}
+    failures = [{"index": i, "unit": u, "reason": "its image could not be decoded (quarantined)"}
+                for i, u in enumerate(layout.unit_ids) if u not in by_id]
+    archived_ids = set(by_id)
+    excluded = [e for e in layout.excluded if e["unit"] in archived_ids]
+    chosen = [by_id.get(u) for u in layout.unit_ids]
+    normalization = dict(layout.normalization)
+    for modality in layout.deferred:
+        if modality not in normalization:
+            normalization[modality] = fingerprint["modalities"].get(modality, {}).get("intensity")
+    plan, extra = None, {}
+    n = len(chosen)
+    if layout.volumes:
+        present = [r for r in chosen if r is not None]
+        plan = plan_volumes(present, config)[0]
+        target = layout.target_spacing
+        extra = {"volume_shape": np.array([case_geometry(r, target).shape if r is not None else (0, 0, 0)
+                                           for r in chosen], dtype=np.int64).reshape(n, 3)}
+    root = open_store(store_url, mode="a")
+    write_sample_table(root, {**extra,
+        "patient": np.array([_unit_field(r, "patient") for r in chosen], dtype=object),
+        "study": np.array([_unit_field(r, "study") for r in chosen], dtype=object),
+        "series": np.array([_unit_field(r, "series") for r in chosen], dtype=object),
+        "unit": np.array(layout.unit_ids, dtype=object), "source_hash": np.array(layout.unit_ids, dtype=object),
+        "modality": np.array([r.modality if r is not None else m for r, m in zip(chosen, layout.modalities)],
+                             dtype=object),
+        "split": np.array(layout.split_codes, dtype=np.int8),
+        "label": np.asarray(get_array(root, "training/labels")[...], dtype=np.int64),
+        "has_mask": np.array([bool(r and r.has_mask) for r in chosen], dtype=bool),
+        "spacing": np.array([r.spacing if r is not None else (0.0, 0.0, 0.0) for r in chosen],
+                            dtype=np.float64).reshape(n, 3),
+        "shape": np.array([r.shape if r is not None else (0, 0, 0, 0) for r in chosen], dtype=np.int64).reshape(n, 4),
+    })
+    final = replace(layout, excluded=excluded, normalization=normalization,
+                    modalities=[r.modality if r is not None else m for r, m in zip(chosen, layout.modalities)],
+                    plan=None if plan is None else plan.to_dict())
+    return final, failures
+
+
+def _unit_field(record: ArchiveRecord | None, name: str) -> str:
+    return "" if record is None else str(getattr(record, name))
+
+
+def deferred_rows(layout: TrainingLayout, records: list[ArchiveRecord]) -> list[tuple[int, int]]:
+    """Ranges (whole write ranges of the layout) holding samples whose intensities wait for the dataset's
+    statistics: the normalising step rewrites only these."""
+    modality = {r.id: r.modality for r in records}
+    return [(a, b) for a, b in layout.ranges
+            if any(modality.get(u) in layout.deferred for u in layout.unit_ids[a:b])]
+
+
+def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int, run_id: str) -> None:
+    """Normalise the deferred-modality samples of rows [start, stop) (fixed layout) or cases (volumes) in place with
+    the dataset's statistics (`layout.normalization`): CT clipped and z-scored as nnU-Net does."""
+    check_lock(store_url, run_id)
+    root = open_store(store_url, mode="a")
+    modalities = layout.modalities[start - layout.offset : stop - layout.offset]
+    if layout.volumes:
+        for offset, modality in enumerate(modalities):
+            if modality in layout.deferred and f"training/volumes/{start + offset}" in root:
+                image = get_array(root, f"training/volumes/{start + offset}/image")
+                image[...] = normalize(np.asarray(image[...]), modality, layout.normalization.get(modality))
+        return
+    images = get_array(root, "training/images")
+    block = np.asarray(images[start:stop])
+    for offset, modality in enumerate(modalities):
+        if modality in layout.deferred:
+            block[offset] = normalize(block[offset], modality, layout.normalization.get(modality))
+    images[start:stop] = block
+
+
 def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig,
                    run_id: str, store_config: StoreConfig | None = None) -> AssembleResult:
-    """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards).
+    """Preprocess units [start, stop) from the archive and write them into the training arrays (whole shards):
+    the path for 3D stores whose target spacing is planned from the archived cases (see plan_training).
 
     Samples that cannot be made are returned as failures: the caller excludes them (split -1), so one bad image
     never stops the run and never trains as a zero-filled sample. Each sample with a mask gets a mask check."""
@@ -137,34 +295,74 @@ def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int
     if layout.layout == "volumes":
         return assemble_volumes(root, layout.unit_ids[start - layout.offset : stop - layout.offset], start,
                                 layout.normalization, config, layout.target_spacing, store_config)
-    images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
-    masks = np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8) if layout.with_masks else None
-    result = AssembleResult()
+    block = RowBlock(layout, start, stop)
     for offset, unit_id in enumerate(layout.unit_ids[start - layout.offset : stop - layout.offset]):
-        try:
-            image, sample_mask, check = _training_sample(root, unit_id, layout, config)
-        except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
-            if is_infrastructure_error(exc):
-                raise
-            result.failures.append({"index": start + offset, "unit": unit_id,
-                                    "reason": f"preprocessing failed ({type(exc).__name__})"
-                                    + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
-            continue
-        images[offset] = image
-        if masks is not None and sample_mask is not None:
-            masks[offset] = sample_mask
+        block.put(start + offset, unit_id, functools.partial(_training_sample, root, unit_id, layout, config))
+    block.write(root)
+    return block.result
+
+
+def capture_failure(result: AssembleResult, index: int, unit_id: str, make: Callable[[], Any]) -> Any:
+    """`make()`, or None with the failure recorded in `result`: a per-sample failure excludes the sample, never
+    the run (storage trouble is re-raised, for the task's retry)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
+        if is_infrastructure_error(exc):
+            raise
+        result.failures.append({"index": index, "unit": unit_id,
+                                "reason": f"preprocessing failed ({type(exc).__name__})"
+                                + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
+        return None
+
+
+class RowBlock:
+    """Training rows [start, stop) of one task (whole zarr shards), filled sample by sample, written at once."""
+
+    def __init__(self, layout: TrainingLayout, start: int, stop: int, dtype: str = "float32") -> None:
+        self.start, self.stop = start, stop
+        self.images = np.zeros((stop - start, *layout.sample_shape), dtype=np.float32)
+        self.masks = (np.zeros((stop - start, 1, *layout.sample_shape[1:]), dtype=np.uint8)
+                      if layout.with_masks else None)
+        self.result = AssembleResult()
+
+    def put(self, index: int, unit_id: str,
+            make: Callable[[], tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]]) -> None:
+        """Fill row `index` with `make()` = (image, mask, mask check); a failure leaves it zero (excluded later)."""
+        made = capture_failure(self.result, index, unit_id, make)
+        if made is None:
+            return
+        image, mask, check = made
+        self.images[index - self.start] = image
+        if self.masks is not None and mask is not None:
+            self.masks[index - self.start] = mask
         if check is not None:
-            result.mask_checks.append(check)
-    get_array(root, "training/images")[start:stop] = images
-    if masks is not None:
-        get_array(root, "training/masks")[start:stop] = masks
-    return result
+            self.result.mask_checks.append(check)
+
+    def fail(self, index: int, unit_id: str, reason: str) -> None:
+        self.result.failures.append({"index": index, "unit": unit_id, "reason": reason})
+
+    def write(self, root: zarr.Group) -> None:
+        """One write per array: the block covers whole shards, so no other task touches these chunks."""
+        if self.stop <= self.start:
+            return
+        images = get_array(root, "training/images")
+        images[self.start : self.stop] = self.images.astype(images.dtype, copy=False)
+        if self.masks is not None:
+            get_array(root, "training/masks")[self.start : self.stop] = self.masks
 
 
 def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout, config: PreprocessConfig
                      ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]:
     pixels, mask, attrs = read_archive_image(root, unit_id)
     record = ArchiveRecord.from_attrs(attrs)
+    return sample_from(pixels, mask, record, layout, config)
+
+
+def sample_from(pixels: np.ndarray, mask: np.ndarray | None, record: ArchiveRecord, layout: TrainingLayout,
+                config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+    """The fixed-layout training sample (channels, *shape), its mask and mask check, from a decoded image
+    (C, [Z,] Y, X) and its record. Modalities in `layout.deferred` keep their intensities (normalize_rows)."""
     spacing: tuple[float, ...] = record.spacing
     if config.kind == "2d" and pixels.ndim == 4 and pixels.shape[1] == 1:  # a single-slice volume is a 2D image
         pixels, mask, spacing = pixels[:, 0], None if mask is None else mask[:, 0], record.spacing[1:]
@@ -172,12 +370,13 @@ def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout, con
         spacing = record.spacing[1:]
     image, sample_mask = to_training_sample(pixels, spacing, record.modality, config, mask=mask,
                                             norm=layout.normalization.get(record.modality),
-                                            target_spacing=layout.target_spacing)
+                                            target_spacing=layout.target_spacing,
+                                            intensities=record.modality not in layout.deferred)
     check = None
     if mask is not None and sample_mask is not None:
         stored_spacing = _sample_spacing(pixels.shape[1:], spacing, config, layout.target_spacing)
-        check = mask_check(unit_id, foreground_amounts(mask, spacing), foreground_amounts(sample_mask, stored_spacing),
-                           "ml" if len(spacing) == 3 else "mm2")
+        check = mask_check(record.id, foreground_amounts(mask, spacing),
+                           foreground_amounts(sample_mask, stored_spacing), "ml" if len(spacing) == 3 else "mm2")
     return image, sample_mask, check
 
 

@@ -89,17 +89,33 @@ def _write_volume(root: zarr.Group, index: int, unit_id: str, normalization: Map
                   config: PreprocessConfig, target_spacing: Sequence[float] | None, store_config: StoreConfig
                   ) -> dict[str, Any] | None:
     pixels, mask, attrs = read_archive_image(root, unit_id)
-    record = ArchiveRecord.from_attrs(attrs)
+    return write_volume_from(root, index, pixels, mask, ArchiveRecord.from_attrs(attrs), normalization, config,
+                             target_spacing, store_config)
+
+
+def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np.ndarray | None,
+                      record: ArchiveRecord, normalization: Mapping[str, Any], config: PreprocessConfig,
+                      target_spacing: Sequence[float] | None, store_config: StoreConfig,
+                      deferred: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Write case `index` from a decoded image (C, Z, Y, X) and mask: canonical RAS, resampled to
+    `target_spacing`, normalised (modalities in `deferred` keep their intensities for a later pass); returns the
+    mask check. Raises NotTrainable when the case is too large after resampling."""
     geometry = case_geometry(record, target_spacing)
-    image = normalized_volume(pixels, config.channels, record.modality, normalization.get(record.modality))
-    del pixels  # the native copy is not needed past this point: one whole-case array less at the peak
+    voxels = int(np.prod(geometry.shape))
+    if voxels > config.max_volume_voxels:
+        raise NotTrainable(f"too large after resampling to the planned spacing: {list(geometry.shape)} = {voxels} "
+                           f"voxels > max_volume_voxels {config.max_volume_voxels}")
+    if record.modality in deferred:
+        image = convert_channels(pixels, config.channels).astype(np.float32, copy=False)
+    else:
+        image = normalized_volume(pixels, config.channels, record.modality, normalization.get(record.modality))
     stored = to_stored(image, geometry, "linear")
     del image
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
-    write_case(root, index, stored, stored_mask, geometry, unit_id, store_config)
+    write_case(root, index, stored, stored_mask, geometry, record.id, store_config)
     if mask is None or stored_mask is None:
         return None
-    return mask_check(unit_id, foreground_amounts(mask, record.spacing),
+    return mask_check(record.id, foreground_amounts(mask, record.spacing),
                       foreground_amounts(stored_mask, geometry.spacing), "ml")
 
 
@@ -124,4 +140,4 @@ def volume_count(root: zarr.Group) -> int:
 
 
 __all__ = ["CASES_PER_TASK", "assemble_volumes", "case_geometry", "create_volume_layout", "normalized_volume",
-           "plan_volumes", "volume_count"]
+           "plan_volumes", "volume_count", "write_volume_from"]

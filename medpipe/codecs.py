@@ -1,0 +1,153 @@
+"""Codec choice per store layer, measured by benchmarks/codecs.py (results in docs/benchmarks.md).
+
+Layers and what "auto" picks (all lossless):
+    archive          integer images of <= 16 bits: JPEG-LS, frame by frame (medpipe.jpegls, below);
+                     other dtypes (float32 NIfTI, int32): Blosc zstd, byte shuffle, `archive_level`
+    archive_mask     Blosc zstd, bit shuffle (beats JPEG-LS on label maps and is ~10x faster)
+    training_images  Blosc `codec`/`level`, byte shuffle, in `training_dtype` (float32 or float16)
+    training_masks   Blosc `codec`/`level`, bit shuffle
+    volume_image     as training_images
+    volume_mask      as training_masks
+
+`codec_chain(layer, config, dtype)` returns the keyword arguments of zarr's `create_array` (serializer and
+compressors). JPEG-LS is not a zarr v3 core codec: importing this module (medpipe.store does) registers
+`medpipe.jpegls` with zarr, so any process that imports medpipe.store reads such stores with plain zarr-python.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import imagecodecs
+import numpy as np
+import zarr.codecs as zc
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.buffer import Buffer, NDBuffer
+from zarr.core.common import JSON, parse_named_configuration
+from zarr.registry import register_codec
+
+from medpipe.config import StoreConfig
+from medpipe.errors import UserError
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from zarr.core.array_spec import ArraySpec
+
+Layer = Literal["archive", "archive_mask", "training_images", "training_masks", "volume_image", "volume_mask"]
+LAYERS: tuple[str, ...] = get_args(Layer)
+JPEGLS_NAME = "medpipe.jpegls"
+_HEADER = struct.Struct("<I")  # frame count, then one uint32 length per frame, then the JPEG-LS frames
+
+
+class CodecError(UserError, ValueError):
+    """A layer or dtype that no configured codec stores."""
+
+
+def jpegls_supports(dtype: np.dtype[Any] | str | type) -> bool:
+    """Whether JPEG-LS stores this dtype losslessly: integers of 8 or 16 bits (signed ones offset to unsigned)."""
+    dt = np.dtype(dtype)
+    return dt.kind in "iu" and dt.itemsize in (1, 2)
+
+
+def _unsigned(dt: np.dtype[Any]) -> np.dtype[Any]:
+    return np.dtype(f"<u{dt.itemsize}")
+
+
+def _sign_bit(dt: np.dtype[Any]) -> int:
+    return 1 << (8 * dt.itemsize - 1)
+
+
+def encode_frames(array: np.ndarray) -> bytes:
+    """JPEG-LS bytes of an integer array of shape (..., Y, X): each 2D frame coded on its own (lossless)."""
+    dt = array.dtype
+    if not jpegls_supports(dt):
+        raise ValueError(f"JPEG-LS stores 8- and 16-bit integers, not {dt}")
+    frames = np.ascontiguousarray(array).reshape(-1, *array.shape[-2:]).astype(dt.newbyteorder("<"), copy=False)
+    if dt.kind == "i":  # two's complement -> offset binary: a bijection, so still lossless
+        frames = frames.view(_unsigned(dt)) ^ _unsigned(dt).type(_sign_bit(dt))
+    coded = [imagecodecs.jpegls_encode(np.ascontiguousarray(f)) for f in frames]
+    lengths = struct.pack(f"<{len(coded)}I", *map(len, coded))
+    return _HEADER.pack(len(coded)) + lengths + b"".join(coded)
+
+
+def decode_frames(data: bytes, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `encode_frames`: the array of `dtype` and `shape`."""
+    dt = np.dtype(dtype)
+    (count,) = _HEADER.unpack_from(data, 0)
+    lengths = struct.unpack_from(f"<{count}I", data, _HEADER.size)
+    out = np.empty((count, *shape[-2:]), _unsigned(dt))
+    pos = _HEADER.size + 4 * count
+    for i, n in enumerate(lengths):
+        out[i] = imagecodecs.jpegls_decode(data[pos : pos + n])
+        pos += n
+    if dt.kind == "i":
+        out ^= _unsigned(dt).type(_sign_bit(dt))
+    return out.view(dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
+
+
+@dataclass(frozen=True)
+class JpegLsCodec(ArrayBytesCodec):
+    """Zarr v3 array-to-bytes codec `medpipe.jpegls`: lossless JPEG-LS (CharLS via imagecodecs) per 2D frame."""
+
+    is_fixed_size = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        parse_named_configuration(data, JPEGLS_NAME, require_configuration=False)
+        return cls()
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": JPEGLS_NAME}
+
+    def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
+        native = dtype.to_native_dtype()
+        if not jpegls_supports(native) or len(shape) < 2:
+            raise ValueError(f"{JPEGLS_NAME} codes 2D frames of 8/16-bit integers, not {native} {shape}")
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        array = decode_frames(chunk_bytes.to_bytes(), chunk_spec.dtype.to_native_dtype(), chunk_spec.shape)
+        return chunk_spec.prototype.nd_buffer.from_numpy_array(array)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return chunk_spec.prototype.buffer.from_bytes(encode_frames(chunk_array.as_numpy_array()))
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError("JPEG-LS output size depends on the data")
+
+
+register_codec(JPEGLS_NAME, JpegLsCodec)
+
+
+def blosc(cname: Literal["zstd", "lz4"], level: int) -> zc.BloscCodec:
+    """A Blosc codec whose shuffle and typesize zarr sets from each array's dtype: byte shuffle for 16/32-bit
+    data, bit shuffle for 8-bit images and masks, the measured best of the two for each."""
+    return zc.BloscCodec(cname=cname, clevel=level)
+
+
+def _blosc_chain(codec: str, level: int) -> tuple[Any, ...]:
+    if codec == "none":
+        return ()
+    return (blosc("lz4" if codec == "lz4" else "zstd", level),)
+
+
+def codec_chain(layer: Layer, config: StoreConfig, dtype: np.dtype[Any] | str | type) -> dict[str, Any]:
+    """Keyword arguments of zarr `create_array` (serializer, compressors) for an array of `layer` and `dtype`."""
+    if layer not in LAYERS:
+        raise CodecError(f"unknown store layer {layer!r}; layers: {', '.join(LAYERS)}")
+    dt = np.dtype(dtype)
+    if layer.startswith("archive"):
+        choice = config.archive_codec
+        if choice == "jpegls" and not jpegls_supports(dt):
+            raise CodecError(f"archive_codec jpegls stores 8- and 16-bit integer images, not {dt}")
+        if choice == "jpegls" or (choice == "auto" and layer == "archive" and jpegls_supports(dt)):
+            return {"serializer": JpegLsCodec(), "compressors": ()}
+        codec = "zstd" if choice == "auto" else choice
+        return {"serializer": "auto", "compressors": _blosc_chain(codec, config.archive_level)}
+    return {"serializer": "auto", "compressors": _blosc_chain(config.codec, config.level)}
+
+
+__all__ = ["JPEGLS_NAME", "LAYERS", "CodecError", "JpegLsCodec", "Layer", "blosc", "codec_chain", "decode_frames",
+           "encode_frames", "jpegls_supports"]

@@ -24,7 +24,7 @@ from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from medpipe.codecs import codec_chain
+from medpipe.codecs import Layer, codec_chain
 from medpipe.config import StoreConfig
 from medpipe.store import ATTRS_KEY, store_fs
 from medpipe.store import _archive_chunks as archive_chunks, _axes as archive_axes, _dimension_names as dimension_names
@@ -96,7 +96,7 @@ async def _write_image(archive: AsyncGroup, image: ArchiveImage, attrs: dict[str
         await _write_array(mask_group, image.mask, "archive_mask", config)
 
 
-async def _write_array(group: AsyncGroup, values: np.ndarray, layer: str, config: StoreConfig) -> None:
+async def _write_array(group: AsyncGroup, values: np.ndarray, layer: Layer, config: StoreConfig) -> None:
     array = await group.create_array("0", shape=values.shape, dtype=values.dtype, chunks=archive_chunks(values.shape),
                                      dimension_names=dimension_names(values.ndim),
                                      **codec_chain(layer, config, values.dtype))

@@ -174,7 +174,8 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
                    assemble_failures: list[dict[str, Any]], mask_checks: list[dict[str, Any]]) -> dict[str, Any]:
     """Write reports and root attributes; drop archive units not in this run; returns the summary."""
     exclude_failed_samples(store_url, assemble_failures)
-    excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures]
+    excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures
+                                  if not f.get("quarantined")]
     root = open_store(store_url, mode="a")
     keep = {r.id for r in records}
     if "archive" in root:

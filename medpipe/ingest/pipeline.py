@@ -32,8 +32,9 @@ from medpipe.ingest.mask_check import AssembleResult
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit, UnitKind
 from medpipe.ingest.scan import scan_shard
 from medpipe.ingest.shard import ShardResult, ShardWork, ingest_shard
-from medpipe.ingest.training import (TrainingLayout, assemble_range, deferred_rows, finish_training, layout_training,
-                                     normalize_rows, plan_training, samples_before_archive)
+from medpipe.ingest.header_geometry import planned_target_spacing, unit_geometry
+from medpipe.ingest.training import (TrainingLayout, assemble_range, deferred_rows, finish_training, fits_kind,
+                                     layout_training, normalize_rows, plan_training)
 from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
 from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
@@ -201,14 +202,26 @@ def unit_depths(plan: UnitPlan, scans: list[ScanRecord]) -> dict[str, int | None
 
 
 def plan_samples(run: IngestRun, plan: UnitPlan, scans: list[ScanRecord]) -> TrainingLayout | None:
-    """The training rows planned before archiving (see `samples_before_archive`), or None (3D stores whose target
-    spacing comes from the dataset). Creates the archive group the tasks write into."""
+    """The training rows planned before archiving, so that each task makes its samples from the arrays it decodes;
+    None when a 3D store's target spacing cannot be planned from headers (a case whose headers give no geometry,
+    such as a legacy multi-frame file: the samples are then made after archiving, from the archive). Creates the
+    archive group the tasks write into."""
     check_lock(run.store, run.run_id)
     open_store(run.store, mode="a").require_group("archive")
-    if not samples_before_archive(run.config.preprocess):
-        return None
-    return plan_training(run.store, plan.units, unit_depths(plan, scans), run.manifest.classes, run.config,
-                         min_tasks=TASKS_PER_WORKER * run.config.workers)
+    pre = run.config.preprocess
+    depths = unit_depths(plan, scans)
+    target = pre.target_spacing
+    if pre.kind == "3d" and target is None:
+        by_index = {s.index: s for s in scans}
+        geometries = [unit_geometry(u, by_index) for u in plan.units if fits_kind(depths[u.id], pre) is None]
+        known = [g for g in geometries if g is not None]
+        if len(known) < len(geometries):  # the plan must see every case as the archive-based planning would
+            return None
+        target = planned_target_spacing(known, pre)
+        if target is None:
+            return None
+    return plan_training(run.store, plan.units, depths, run.manifest.classes, run.config,
+                         min_tasks=TASKS_PER_WORKER * run.config.workers, target_spacing=target)
 
 
 def shard_work(run: IngestRun, plan: UnitPlan, tags: dict[str, str], layout: TrainingLayout | None

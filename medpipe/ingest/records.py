@@ -1,6 +1,6 @@
 """The records that pass between the steps of an ingest run, defined once.
 
-    scan_shard -> ScanRecord -> plan -> Unit / QuarantineRecord -> archive_shard -> ArchiveRecord | ArchiveFailure
+    scan_shard -> ScanRecord -> plan -> Unit / QuarantineRecord -> ingest_shard -> ArchiveRecord | ArchiveFailure
     -> layout -> TrainingLayout (medpipe.ingest.training) -> finalize
 
 Every field a later step reads is a named, typed field here; no step reads a dict key that another step might
@@ -81,6 +81,10 @@ class ScanRecord:
     detail: str = ""
     dicom: DicomFacts | None = None
     depth: int | None = None  # slices/frames from the header (NIfTI, raster; DICOM: dicom.slice.frames)
+    channels: int = 1  # samples per voxel from the header
+    rows: int | None = None  # Y from the header (NIfTI, raster)
+    columns: int | None = None  # X from the header
+    affine: tuple[tuple[float, ...], ...] | None = None  # NIfTI: RAS mm of index (x, y, z) from the header
 
 
 @dataclass(frozen=True)

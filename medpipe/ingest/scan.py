@@ -34,7 +34,9 @@ def scan_shard(source_url: str, items: Sequence[tuple[int, str]], key: DeidKey,
             records.append(ScanRecord(index, reason="decode_error", detail=f"{type(exc).__name__} while probing"))
             continue
         facts = dicom_facts(probe, relative, pseudonyms) if probe.kind == "dicom" else None
-        records.append(ScanRecord(index, kind=FileKind(probe.kind), dicom=facts, depth=probe.frames))
+        records.append(ScanRecord(index, kind=FileKind(probe.kind), dicom=facts, depth=probe.frames,
+                                  channels=probe.samples_per_pixel, rows=probe.rows, columns=probe.columns,
+                                  affine=probe.affine))
     return records
 
 

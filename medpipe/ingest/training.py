@@ -20,6 +20,7 @@ from medpipe.ingest.records import ArchiveRecord, Unit
 from medpipe.preprocess import NotTrainable, check_kind, normalize, to_training_sample
 from medpipe.readers.base import is_infrastructure_error
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
+from medpipe.ingest.header_geometry import median_of_modality_medians
 from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
 from medpipe.ingest.volume_cases import (CASES_PER_TASK, assemble_volumes, case_geometry, create_volume_layout,
                                         plan_volumes)
@@ -65,11 +66,7 @@ def _target_spacing(config: PreprocessConfig, fingerprint: dict[str, Any],
         return None
     if config.target_spacing is not None:
         return config.target_spacing
-    medians = [fingerprint["modalities"][m]["spacing_median"] for m in sorted(modalities)]
-    if not medians:
-        return None
-    dz, dy, dx = (float(v) for v in np.median(np.array(medians), axis=0))
-    return dz, dy, dx
+    return median_of_modality_medians({m: [fingerprint["modalities"][m]["spacing_median"]] for m in modalities})
 
 
 def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[str], config: IngestConfig,
@@ -135,13 +132,6 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     )
 
 
-def samples_before_archive(config: PreprocessConfig) -> bool:
-    """True when a unit's training sample depends on nothing but the unit itself and the config: 2D, or 3D with a
-    configured target spacing. Then the archiving task makes it from the array it just decoded (one decode per
-    file); otherwise (3D, spacing planned from the dataset) the samples are made after planning, from the archive."""
-    return config.kind == "2d" or config.target_spacing is not None
-
-
 def fits_kind(depth: int | None, config: PreprocessConfig) -> NotTrainable | None:
     """Why a unit of `depth` slices (from its headers; None = unknown until decoded) cannot be a sample of the
     configured kind, or None."""
@@ -155,9 +145,10 @@ def fits_kind(depth: int | None, config: PreprocessConfig) -> NotTrainable | Non
 
 
 def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | None], classes: list[str],
-                  config: IngestConfig, min_tasks: int) -> TrainingLayout:
+                  config: IngestConfig, min_tasks: int,
+                  target_spacing: tuple[float, float, float] | None = None) -> TrainingLayout:
     """Before archiving: the row (or case) of every unit that fits the configured kind, split by patient, ordered
-    with the seed; creates the training arrays with shards sized so that about `min_tasks` tasks each own whole
+    with the seed, every 3D sample resampled to `target_spacing`; creates the training arrays with shards sized so that about `min_tasks` tasks each own whole
     shards (never more than `config.store.chunks_per_shard` chunks per shard). Writes the labels."""
     pre = config.preprocess
     eligible, excluded = [], []
@@ -193,7 +184,7 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
         unit_ids=[u.id for u in chosen], modalities=[u.modality for u in chosen], sample_shape=sample_shape,
         with_masks=with_masks, ranges=[(a, min(a + per_task, n)) for a in range(0, n, per_task)],
         normalization=dict(pre.normalization) if pre.normalization is not None else {},
-        target_spacing=pre.target_spacing if pre.kind == "3d" else None, excluded=excluded,
+        target_spacing=target_spacing if pre.kind == "3d" else None, excluded=excluded,
         layout="volumes" if volumes else "fixed",
         splits={name: codes.count(code) for code, name in enumerate(SPLIT_NAMES)},
         split_patients={name: sum(1 for c in split_of.values() if c == code) for code, name in enumerate(SPLIT_NAMES)},
@@ -213,7 +204,9 @@ def finish_training(store_url: str, layout: TrainingLayout, records: list[Archiv
     modalities, the volumes plan; returns the final layout and the failures of rows whose unit was not archived."""
     check_lock(store_url, run_id)
     by_id = {r.id: r for r in records}
-    failures = [{"index": i, "unit": u, "reason": "its image could not be decoded (quarantined)"}
+    # a unit that could not be decoded keeps its planned row, empty and split -1 (never read); its files are in
+    # the quarantine report, so the row is not listed again among the exclusions
+    failures = [{"index": i, "unit": u, "reason": "its image could not be decoded", "quarantined": True}
                 for i, u in enumerate(layout.unit_ids) if u not in by_id]
     archived_ids = set(by_id)
     excluded = [e for e in layout.excluded if e["unit"] in archived_ids]
@@ -227,6 +220,10 @@ def finish_training(store_url: str, layout: TrainingLayout, records: list[Archiv
     if layout.volumes:
         present = [r for r in chosen if r is not None]
         plan = plan_volumes(present, config)[0]
+        if plan is not None and layout.target_spacing is not None and \
+                not np.allclose(plan.target_spacing, layout.target_spacing, rtol=1e-6, atol=1e-9):
+            # decoding found another geometry than the headers promised: the plan says what the cases hold
+            plan = plan_volumes(present, config.model_copy(update={"target_spacing": layout.target_spacing}))[0]
         target = layout.target_spacing
         extra = {"volume_shape": np.array([case_geometry(r, target).shape if r is not None else (0, 0, 0)
                                            for r in chosen], dtype=np.int64).reshape(n, 3)}
@@ -246,6 +243,7 @@ def finish_training(store_url: str, layout: TrainingLayout, records: list[Archiv
         "shape": np.array([r.shape if r is not None else (0, 0, 0, 0) for r in chosen], dtype=np.int64).reshape(n, 4),
     })
     final = replace(layout, excluded=excluded, normalization=normalization,
+                    sample_shape=layout.sample_shape if plan is None else (config.channels, *plan.patch_size),
                     modalities=[r.modality if r is not None else m for r, m in zip(chosen, layout.modalities)],
                     plan=None if plan is None else plan.to_dict())
     return final, failures

@@ -54,6 +54,7 @@ class NiftiHeaderFacts:
     channels: int
     decoded_bytes: int  # voxels x decoded itemsize (float64 when scl_slope/scl_inter scale the data)
     data_end: int  # vox_offset + stored data bytes: all nibabel reads of a single-file NIfTI
+    affine: tuple[tuple[float, ...], ...] | None = None  # RAS mm of index (x, y, z), as nibabel gives the image
 
     def check_size(self, max_image_bytes: int | None) -> None:
         """Raise ``too_large`` when the decoded volume exceeds ``max_image_bytes``."""
@@ -95,7 +96,11 @@ def nifti_header_facts(f: BinaryIO, size: int) -> NiftiHeaderFacts:
     channels = int(np.prod(shape[3:], dtype=object)) * (min(len(dtype.names), 3) if dtype.names else 1)
     shape = shape + (1,) * (3 - len(shape))
     data_end = max(offset, header_end) + nbytes
-    return NiftiHeaderFacts(shape[1], shape[0], shape[2], channels, voxels * decoded_itemsize, data_end)
+    try:
+        affine = tuple(tuple(float(v) for v in row) for row in header.get_best_affine())
+    except Exception:  # noqa: BLE001 - a header without usable geometry still decodes (as the reader decides)
+        affine = None
+    return NiftiHeaderFacts(shape[1], shape[0], shape[2], channels, voxels * decoded_itemsize, data_end, affine)
 
 
 def nifti_header_shape(f: BinaryIO, size: int) -> tuple[int, int, int, int]:

@@ -74,6 +74,7 @@ class FileProbe:
     image_type: tuple[str, ...] = ()  # ImageType defined terms only (see acquisitions.clean_image_type)
     pixel_spacing: tuple[float, float] | None = None
     frame_groups: tuple[Acquisition, ...] = ()  # enhanced multi-frame whose frames form >1 acquisition only
+    affine: tuple[tuple[float, ...], ...] | None = None  # NIfTI: RAS mm of index (x, y, z) from the header
 
 
 def kind_from_path(path: str) -> Kind:
@@ -108,7 +109,7 @@ def probe_file(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | 
         if kind == "nifti":
             facts = nifti_header_facts(f, size)
             facts.check_size(max_image_bytes)
-            return _simple(path, size, kind, (facts.rows, facts.columns, facts.frames, facts.channels))
+            return _simple(path, size, kind, (facts.rows, facts.columns, facts.frames, facts.channels), facts.affine)
         if kind == "raster":
             raster = raster_header_facts(f, path)
             check_raster_size(raster, max_image_bytes)
@@ -121,10 +122,11 @@ def probe_file(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | 
             raise
 
 
-def _simple(path: str, size: int, kind: Kind, shape: tuple[int, int, int, int]) -> FileProbe:
+def _simple(path: str, size: int, kind: Kind, shape: tuple[int, int, int, int],
+            affine: tuple[tuple[float, ...], ...] | None = None) -> FileProbe:
     rows, columns, frames, samples = shape
     return FileProbe(path, size, kind, None, None, None, None, None, None, rows, columns, frames, samples,
-                     None, None, True)
+                     None, None, True, affine=affine)
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:

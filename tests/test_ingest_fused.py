@@ -1,0 +1,131 @@
+"""One decode per file: the archive and the training samples are made by the same task from the same decoded
+arrays, and the result equals the samples made from the archive after planning (the path 3D stores without
+header geometry take). Both paths run serially here on the demo data plus every defective file kind."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.deid import resolve_key
+from medpipe.ingest import archive as archive_module
+from medpipe.ingest import pipeline
+from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
+from medpipe.store import get_array, get_group, open_store, read_json, read_sample_table
+
+CONFIGS = {
+    "2d": IngestConfig(files_per_shard=16),
+    "3d-volumes": IngestConfig(files_per_shard=16, preprocess=PreprocessConfig(kind="3d", shape=(16, 32, 32))),
+    "3d-fixed": IngestConfig(files_per_shard=16, preprocess=PreprocessConfig(kind="3d", shape=(16, 32, 32),
+                                                                             layout="fixed")),
+}
+
+
+def _ingest(source: str, store: str, config: IngestConfig) -> dict:
+    key = resolve_key()
+    run_id = new_run_id()
+    acquire_lock(store, run_id)
+    try:
+        run = pipeline.prepare_ingest(source, store, config, key, run_id)
+        return pipeline.run_ingest_steps(run, key)
+    finally:
+        release_lock(store, run_id)
+
+
+def _from_archive(run, plan, scans):  # the samples-after-archiving path, for every kind
+    open_store(run.store, mode="a").require_group("archive")
+    return None
+
+
+def _arrays(store: str) -> dict[str, np.ndarray]:
+    root = open_store(store)
+    out = {name: np.asarray(get_array(root, f"training/{name}")[...])
+           for name in get_group(root, "training").array_keys()}
+    if "volumes" in get_group(root, "training"):
+        volumes = get_group(root, "training/volumes")
+        for case in volumes.group_keys():
+            for name in ("image", "mask"):
+                out[f"{case}/{name}"] = np.asarray(get_array(volumes, f"{case}/{name}")[...])
+    return out
+
+
+@pytest.fixture(scope="module")
+def ct_source(demo_source, tmp_path_factory):
+    """The demo's CT series and masks only: every case has header geometry (the full demo also holds a legacy
+    multi-frame XA whose geometry only decoding tells, which sends 3D stores down the archive-based path)."""
+    root = tmp_path_factory.mktemp("ct") / "data"
+    for folder in ("ct", "masks"):
+        shutil.copytree(demo_source[0] / folder, root / folder)
+    lines = (demo_source[0] / "labels.csv").read_text().splitlines()
+    keep = [line for line in lines[1:] if line.startswith("ct/")]
+    (root / "labels.csv").write_text("\n".join([lines[0], *keep]) + "\n")
+    return root
+
+
+def test_3d_with_a_case_without_header_geometry_takes_the_archive_path(demo_source, deid_key, tmp_path, monkeypatch):
+    taken = []
+    plan_samples = pipeline.plan_samples
+    monkeypatch.setattr(pipeline, "plan_samples", lambda *a: taken.append(plan_samples(*a)) or taken[-1])
+    summary = _ingest(str(demo_source[0]), str(tmp_path / "s.zarr"), CONFIGS["3d-volumes"])
+    assert taken == [None] and summary["samples"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_source, deid_key, tmp_path,
+                                                      monkeypatch):
+    source = str(demo_source[0] if name == "2d" else ct_source)
+    config = CONFIGS[name]
+    calls = {"read_unit": 0, "read_archive_image": 0}
+    read_unit, read_back = archive_module.read_unit, archive_module.read_archive_image
+
+    def counting_read_unit(*args, **kwargs):
+        calls["read_unit"] += 1
+        return read_unit(*args, **kwargs)
+
+    def counting_read_back(*args, **kwargs):
+        calls["read_archive_image"] += 1
+        return read_back(*args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "read_unit", counting_read_unit)
+    monkeypatch.setattr(archive_module, "read_archive_image", counting_read_back)
+    fused = _ingest(source, str(tmp_path / "fused.zarr"), config)
+    units = len(read_json(str(tmp_path / "fused.zarr"), "reports/units.json"))
+    # each unit decoded once (units that fail to decode are quarantined and not in units.json), never read back
+    assert units <= calls["read_unit"] <= units + fused["counts"]["quarantined"]
+    assert calls["read_archive_image"] == 0
+    assert fused["samples"] > 0
+
+    monkeypatch.setattr(pipeline, "plan_samples", _from_archive)
+    reference = _ingest(source, str(tmp_path / "reference.zarr"), config)
+    for field in ("counts", "sample_shape", "training_spacing", "masks_checked", "masks_flagged", "excluded",
+                  "quarantine_reasons", "layout"):
+        assert fused[field] == reference[field], field
+    assert fused["plan"] == reference["plan"]
+    a, b = read_sample_table(str(tmp_path / "fused.zarr")), read_sample_table(str(tmp_path / "reference.zarr"))
+    # rows were planned before decoding: a unit that then failed to decode keeps an empty row with split -1 (so
+    # the seeded order differs too: rows are matched by unit)
+    dead = np.isin(a["unit"], b["unit"], invert=True)
+    assert (a["split"][dead] == -1).all() and fused["samples"] == reference["samples"] + int(dead.sum())
+    row_of = {u: i for i, u in enumerate(b["unit"])}
+    live = [int(i) for i in np.flatnonzero(~dead)]
+    match = np.array([row_of[a["unit"][i]] for i in live], dtype=np.int64)
+    assert sorted(a) == sorted(b) and sorted(match.tolist()) == list(range(len(b["unit"])))
+    for column in a:
+        assert np.array_equal(a[column][live], b[column][match]), column
+    arrays, expected = _arrays(str(tmp_path / "fused.zarr")), _arrays(str(tmp_path / "reference.zarr"))
+    rows = {k: v[live] for k, v in arrays.items() if "/" not in k}
+    expected_rows = {k: v[match] for k, v in expected.items() if "/" not in k}
+    reference_case = {f: int(r) for f, r in zip(live, match)}
+    cases = {f"{reference_case[int(k.split('/')[0])]}/{k.split('/')[1]}": v for k, v in arrays.items() if "/" in k}
+    arrays, expected = {**rows, **cases}, {**expected_rows, **{k: v for k, v in expected.items() if "/" in k}}
+    assert sorted(arrays) == sorted(expected)
+    for key, values in arrays.items():
+        # CT is normalised after resampling on the fused path (the dataset statistics come after decoding):
+        # equal up to float rounding where no resampling happens, as here
+        np.testing.assert_allclose(values, expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for report in ("excluded.json", "mask_check.json", "quarantine.json"):
+        assert read_json(str(tmp_path / "fused.zarr"), f"reports/{report}") == \
+            read_json(str(tmp_path / "reference.zarr"), f"reports/{report}"), report

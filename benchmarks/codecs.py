@@ -4,7 +4,7 @@ Data: a synthetic 512x512 CT series (medpipe.demo) and pydicom's real CT slice (
 8-bit PNGs, skimage's camera (grey) and astronaut (RGB, stored channel-first as the archive does); 16-bit X-rays
 (pydicom's RG1_UNCI CR, 15 bits stored, and the demo's); float32 and float16 normalised training samples and a
 uint8 mask. Every candidate is checked to round-trip exactly. Then the archive of the demo PNGs written with
-medpipe.store.write_archive_image, chunk bytes and zarr.json bytes per image, against the PNG files.
+medpipe.store_batch.write_archive_image, chunk bytes and zarr.json bytes per image, against the PNG files.
 
     .venv/bin/python benchmarks/codecs.py            # ~1 min on 2 cores
 """
@@ -32,7 +32,8 @@ from medpipe.codecs import decode_frames, encode_frames, jpegls_supports
 from medpipe.config import PreprocessConfig, StoreConfig
 from medpipe.demo import DemoSpec, generate_demo_dataset
 from medpipe.preprocess import to_training_sample
-from medpipe.store import create_training_arrays, write_archive_image
+from medpipe.store import create_training_arrays
+from medpipe.store_batch import write_archive_image
 
 Encode = Callable[[np.ndarray], bytes]
 Decode = Callable[[bytes, np.ndarray], np.ndarray]

@@ -17,10 +17,8 @@ from typing import Any, Iterable, Literal, Mapping
 import fsspec
 import numpy as np
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-from medpipe.codecs import Layer, codec_chain  # importing medpipe.codecs registers the medpipe.jpegls codec
+from medpipe.codecs import codec_chain  # importing medpipe.codecs registers the medpipe.jpegls codec
 from medpipe.config import StoreConfig
 from medpipe.errors import UserError
 
@@ -70,13 +68,6 @@ def store_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
-def compressors(config: StoreConfig, layer: Layer = "training_images", dtype: Any = "float32") -> tuple[Any, ...]:
-    """Bytes-to-bytes codecs of a training or volume layer (medpipe.codecs.codec_chain has every layer's chain)."""
-    if layer.startswith("archive"):
-        raise ValueError("archive layers may use an image codec: create them with codec_chain")
-    return tuple(codec_chain(layer, config, dtype)["compressors"])
-
-
 def write_json(url: str, relative: str, payload: Any) -> None:
     """Write a JSON document next to the arrays (reports/, work/); overwrite as one object."""
     fs, root = store_fs(url)
@@ -102,7 +93,7 @@ def remove_path(url: str, relative: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def _axes(ndim: int) -> list[dict[str, str]]:
+def archive_axes(ndim: int) -> list[dict[str, str]]:
     names = ["c", "z", "y", "x"][-ndim:] if ndim == 4 else ["c", "y", "x"]
     return [{"name": "c", "type": "channel"}] + [
         {"name": n, "type": "space", "unit": "millimeter"} for n in names[1:]
@@ -119,57 +110,13 @@ def array_checksum(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def write_archive_image(
-    root: zarr.Group,
-    unit_id: str,
-    pixels: np.ndarray,
-    spacing: tuple[float, ...],
-    config: StoreConfig,
-    mask: np.ndarray | None = None,
-    attrs: Mapping[str, Any] | None = None,
-) -> None:
-    """One de-identified image at native resolution as an OME-Zarr image group (+ its mask as a label image).
-
-    Arrays are written with zarr directly and the NGFF 0.5 metadata with ome-zarr's metadata writers: ome-zarr's
-    write_image goes through dask and builds a pyramid, ~60 ms per image here, too slow for 10k small files.
-    """
-    with zarr.config.set({"json_indent": None}):  # one-line metadata: small images each carry 2-5 zarr.json
-        _write_archive_image(root, unit_id, pixels, spacing, config, mask, attrs)
-
-
-def _write_archive_image(root: zarr.Group, unit_id: str, pixels: np.ndarray, spacing: tuple[float, ...],
-                         config: StoreConfig, mask: np.ndarray | None, attrs: Mapping[str, Any] | None) -> None:
-    group = root.require_group("archive").create_group(unit_id, overwrite=True)
-    scale = [1.0, *map(float, spacing)]
-    fmt = FormatV05()
-    image = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=_archive_chunks(pixels.shape),
-                               dimension_names=_dimension_names(pixels.ndim),
-                               **codec_chain("archive", config, pixels.dtype))
-    image[...] = pixels
-    write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-                               fmt=fmt, axes=_axes(pixels.ndim), name="image")
-    if mask is not None:
-        labels = group.create_group("labels")
-        label_group = labels.create_group("mask")
-        arr = label_group.create_array("0", shape=mask.shape, dtype=mask.dtype, chunks=_archive_chunks(mask.shape),
-                                       dimension_names=_dimension_names(mask.ndim),
-                                       **codec_chain("archive_mask", config, mask.dtype))
-        arr[...] = mask
-        write_multiscales_metadata(label_group, [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-                                   fmt=fmt, axes=_axes(mask.ndim), name="mask")
-        write_label_metadata(labels, "mask", fmt=fmt)
-        labels.attrs["ome"] = {"version": fmt.version, "labels": ["mask"]}
-    if attrs:
-        group.attrs[ATTRS_KEY] = dict(attrs)
-
-
-def _dimension_names(ndim: int, leading: tuple[str, ...] = ()) -> tuple[str, ...]:
+def dimension_names(ndim: int, leading: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Zarr v3 dimension names matching the NGFF axes: c, (z,) y, x, after `leading` names (e.g. "n")."""
     spatial = ("z", "y", "x")[-(ndim - len(leading) - 1):]
     return (*leading, "c", *spatial)
 
 
-def _archive_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+def archive_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Whole 2D images in one chunk; volumes in chunks of up to 64 slices."""
     if len(shape) == 4:
         return (shape[0], min(shape[1], 64), shape[2], shape[3])
@@ -200,7 +147,7 @@ def create_training_arrays(
     per_shard = spc * config.chunks_per_shard
     training = root.create_group("training", overwrite=True)
     shard_n = max(spc, min(per_shard, _round_up(max(n, 1), spc)))
-    names = _dimension_names(len(sample_shape) + 1, ("n",))
+    names = dimension_names(len(sample_shape) + 1, ("n",))
     training.create_array("images", shape=(n, *sample_shape), dtype=dtype, chunks=(spc, *sample_shape),
                           shards=(shard_n, *sample_shape), fill_value=0.0, dimension_names=names,
                           **codec_chain("training_images", config, dtype))

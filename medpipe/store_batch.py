@@ -21,13 +21,14 @@ import zarr
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 from zarr.core.group import AsyncGroup
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from medpipe.codecs import Layer, codec_chain
 from medpipe.config import StoreConfig
 from medpipe.store import ATTRS_KEY, store_fs
-from medpipe.store import _archive_chunks as archive_chunks, _axes as archive_axes, _dimension_names as dimension_names
+from medpipe.store import archive_axes, archive_chunks, dimension_names
 
 FLUSH_BYTES = 64 << 20  # raw bytes held before a flush (a large volume flushes on its own)
 
@@ -119,6 +120,25 @@ def encode_archive_images(images: Sequence[ArchiveImage], config: StoreConfig) -
         sync(_write_batch(MemoryStore(encoded), images, attributes, config))
     prefixes = tuple(f"archive/{image.unit_id}/" for image in images)
     return {key: value.to_bytes() for key, value in encoded.items() if key.startswith(prefixes)}
+
+
+def write_archive_image(root: zarr.Group, unit_id: str, pixels: np.ndarray, spacing: tuple[float, ...],
+                        config: StoreConfig, mask: np.ndarray | None = None,
+                        attrs: Mapping[str, Any] | None = None) -> None:
+    """One de-identified image at native resolution as an OME-Zarr image group under `root`/archive/ (+ its mask as
+    a label image), replacing any earlier one: the same bytes as `ArchiveWriter` writes."""
+    archive = root.require_group("archive")
+    if unit_id in archive:
+        del root[f"archive/{unit_id}"]
+    files = encode_archive_images([ArchiveImage(unit_id, pixels, tuple(spacing), mask, attrs or {})], config)
+    prefix = f"{root.path}/" if root.path else ""
+    store = root.store
+
+    async def put() -> None:
+        for key, value in files.items():
+            await store.set(prefix + key, default_buffer_prototype().buffer.from_bytes(value))
+
+    sync(put())
 
 
 class ArchiveWriter:

@@ -14,7 +14,8 @@ import zarr
 
 from medpipe.codecs import JPEGLS_NAME, LAYERS, CodecError, codec_chain, decode_frames, encode_frames
 from medpipe.config import IngestConfig, StoreConfig
-from medpipe.store import create_training_arrays, read_archive_image, samples_per_chunk, write_archive_image
+from medpipe.store import create_training_arrays, read_archive_image, samples_per_chunk
+from medpipe.store_batch import write_archive_image
 
 RNG = np.random.default_rng(7)
 

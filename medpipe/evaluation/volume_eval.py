@@ -116,13 +116,13 @@ class StorePredictionWriter:
     def write(self, unit: str, labels: np.ndarray, geometry: CaseGeometry) -> None:
         """One case: uint8 (1, Z, Y, X) on the source grid (aligned with archive/<unit>/labels/mask/0)."""
         from medpipe.ingest.lock import check_lock
-        from medpipe.store import compressors
+        from medpipe.codecs import codec_chain
 
         check_lock(self.store_url, self.run_id)  # still ours; extends the lease
         data = np.asarray(labels, dtype=np.uint8)[None]
         chunks, shards = volume_chunks(data.shape, self.config.volume_chunk)
         arr = self.group.create_array(unit, shape=data.shape, dtype="uint8", chunks=chunks, shards=shards,
-                                      compressors=compressors(self.config), fill_value=0,
+                                      fill_value=0, **codec_chain("volume_mask", self.config, "uint8"),
                                       dimension_names=("c", "z", "y", "x"), overwrite=True)
         arr[...] = data
         arr.attrs[ATTRS_KEY] = {"unit": unit, "grid": "source", "run": self.run_id,

@@ -166,7 +166,7 @@ def score_cases(model: nn.Module, cases: Sequence[VolumeCase], patch: Sequence[i
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
     for case in cases:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = predict_volume(model, np.asarray(case.image[...]), p, overlap=SLIDING_WINDOW_OVERLAP,
+            logits = predict_volume(model, np.asarray(case.image[...], dtype=np.float32), p, overlap=SLIDING_WINDOW_OVERLAP,
                                     device=device, batch_size=batch_size, activation="none")
         true = np.asarray(case.mask[...]).astype(np.int64)  # (1, Z, Y, X)
         pred = logits.argmax(axis=0)[None]

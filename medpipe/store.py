@@ -193,9 +193,57 @@ def store_attrs(url_or_root: str | zarr.Group) -> dict[str, Any]:
     return attrs_of(root)
 
 
-def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
-    """sha256 over the training arrays, the sample table, archive checksums and `extra` strings.
+def sample_digest(values: np.ndarray) -> str:
+    """Digest of one stored sample (a row of a training array, or one case array): dtype, shape and bytes."""
+    a = np.ascontiguousarray(values)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.data)
+    return h.hexdigest()
 
+
+def row_digests(name: str, start: int, values: np.ndarray) -> dict[str, str]:
+    """`{"<name>/<row>": digest}` of rows start, start+1, ... of a training array, as stored (its dtype)."""
+    return {f"{name}/{start + i}": sample_digest(row) for i, row in enumerate(values)}
+
+
+def stored_digests(root: zarr.Group) -> dict[str, str]:
+    """Every stored sample's digest, read back from the arrays: what the writing tasks report as they write."""
+    out: dict[str, str] = {}
+    training = get_group(root, "training")
+    for name in ("images", "masks"):
+        if name in training:
+            arr = get_array(training, name)
+            step = max(1, arr.chunks[0] * 8)
+            for start in range(0, arr.shape[0], step):
+                out.update(row_digests(name, start, np.asarray(arr[start : start + step])))
+    if "volumes" in training:
+        volumes = get_group(training, "volumes")
+        for case in volumes.group_keys():
+            for name in ("image", "mask"):
+                out[f"volumes/{case}/{name}"] = sample_digest(np.asarray(get_array(volumes, f"{case}/{name}")[...]))
+    return out
+
+
+def _complete(root: zarr.Group, digests: Mapping[str, str]) -> bool:
+    """True when `digests` names exactly the samples the training arrays hold (one listing, no data read)."""
+    training = get_group(root, "training")
+    expected = sum(get_array(training, n).shape[0] for n in ("images", "masks") if n in training)
+    if "volumes" in training:
+        expected += 2 * len(list(get_group(training, "volumes").group_keys()))
+    return len(digests) == expected
+
+
+def _digest_order(key: str) -> tuple[str, int, str]:
+    name, index, *rest = key.split("/")
+    return name, int(index), "/".join(rest)
+
+
+def content_hash(root: zarr.Group, extra: Iterable[str] = (), digests: Mapping[str, str] | None = None) -> str:
+    """sha256 over the training arrays (each stored sample's digest, in order), the sample table, archive checksums
+    and `extra` strings.
+
+    `digests` are the per-sample digests the writing tasks reported (so a finished run never reads back what it
+    just wrote); when absent or not covering every sample they are computed from the arrays (verification).
     Depends only on data (not on timestamps, chunk write order or metadata formatting), so a rerun or a resumed
     run yields the same hash, and any change of data changes it.
     """
@@ -205,16 +253,12 @@ def content_hash(root: zarr.Group, extra: Iterable[str] = ()) -> str:
         for name in sorted(training.array_keys()):
             arr = get_array(training, name)
             h.update(f"{name}{arr.dtype}{arr.shape}".encode())
-            step = max(1, arr.chunks[0] * 8)
-            for start in range(0, arr.shape[0], step):
-                h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
-        if "volumes" in training:  # the volumes layout: each case's arrays, in case order
-            volumes = get_group(training, "volumes")
-            for case in sorted(volumes.group_keys(), key=int):
-                for name in ("image", "mask"):
-                    arr = get_array(volumes, f"{case}/{name}")
-                    h.update(f"{case}/{name}{arr.dtype}{arr.shape}".encode())
-                    h.update(np.ascontiguousarray(arr[...]).tobytes())
+            if name == "labels":
+                h.update(np.ascontiguousarray(arr[...]).tobytes())
+        if digests is None or not _complete(root, digests):
+            digests = stored_digests(root)
+        for key in sorted(digests, key=_digest_order):
+            h.update(f"{key}:{digests[key]}".encode())
     if "samples" in root:
         for name, values in read_sample_table(root).items():
             h.update(name.encode())

@@ -28,7 +28,7 @@ import zarr
 
 from medpipe.config import StoreConfig
 from medpipe.codecs import codec_chain
-from medpipe.store import ATTRS_KEY, attrs_of, get_array, get_group
+from medpipe.store import ATTRS_KEY, attrs_of, get_array, get_group, sample_digest
 
 CANONICAL = "RAS"
 VOLUMES = "training/volumes"
@@ -221,17 +221,18 @@ def volume_chunks(shape: Sequence[int], chunk_edge: int) -> tuple[tuple[int, ...
 
 
 def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray | None, geometry: CaseGeometry,
-               unit: str, config: StoreConfig) -> None:
+               unit: str, config: StoreConfig) -> dict[str, str]:
     """Write case `index` under training/volumes/ (overwriting it): image (C, Z, Y, X) in the store's training
     dtype (float32, or float16 when configured), mask uint8 (1, Z, Y, X) (zeros when None), with dimension names
-    and the case's geometry; codecs per layer (medpipe.codecs)."""
+    and the case's geometry; codecs per layer (medpipe.codecs). Returns the digests of what it stored."""
     group = root.require_group(VOLUMES).create_group(str(index), overwrite=True)
     dtype = np.dtype(config.training_dtype)
     chunks, shards = volume_chunks(image.shape, config.volume_chunk)
     arr = group.create_array("image", shape=image.shape, dtype=dtype, chunks=chunks, shards=shards,
                              fill_value=0.0, dimension_names=("c", "z", "y", "x"),
                              **codec_chain("volume_image", config, dtype))
-    arr[...] = image.astype(dtype, copy=False)
+    stored = image.astype(dtype, copy=False)
+    arr[...] = stored
     mask = np.zeros((1, *image.shape[1:]), np.uint8) if mask is None else mask.astype(np.uint8, copy=False)
     m_chunks, m_shards = volume_chunks(mask.shape, config.volume_chunk)
     marr = group.create_array("mask", shape=mask.shape, dtype="uint8", chunks=m_chunks, shards=m_shards,
@@ -239,6 +240,7 @@ def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray
                               **codec_chain("volume_mask", config, "uint8"))
     marr[...] = mask
     group.attrs[ATTRS_KEY] = {"unit": unit, "geometry": geometry.to_dict()}
+    return {f"volumes/{index}/image": sample_digest(stored), f"volumes/{index}/mask": sample_digest(mask)}
 
 
 @dataclass(frozen=True)

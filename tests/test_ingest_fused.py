@@ -13,6 +13,7 @@ from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest import archive as archive_module
 from medpipe.ingest import pipeline
+from medpipe.ingest.finalize import verify_store
 from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
 from medpipe.store import get_array, get_group, open_store, read_json, read_sample_table
 
@@ -97,6 +98,8 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
     assert units <= calls["read_unit"] <= units + fused["counts"]["quarantined"]
     assert calls["read_archive_image"] == 0
     assert fused["samples"] > 0
+    # the content hash was made from the digests the tasks reported; recomputed from the data it agrees
+    assert verify_store(str(tmp_path / "fused.zarr")) == []
 
     monkeypatch.setattr(pipeline, "plan_samples", _from_archive)
     reference = _ingest(source, str(tmp_path / "reference.zarr"), config)
@@ -129,3 +132,21 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
     for report in ("excluded.json", "mask_check.json", "quarantine.json"):
         assert read_json(str(tmp_path / "fused.zarr"), f"reports/{report}") == \
             read_json(str(tmp_path / "reference.zarr"), f"reports/{report}"), report
+
+
+def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
+    """training_dtype float16 halves the training bytes; the values are the float32 ones rounded to float16."""
+    for name, source in (("2d", demo_source[0]), ("3d-volumes", ct_source)):
+        config = CONFIGS[name]
+        half = config.model_copy(update={"store": config.store.model_copy(update={"training_dtype": "float16"})})
+        _ingest(str(source), str(tmp_path / f"{name}-32.zarr"), config)
+        _ingest(str(source), str(tmp_path / f"{name}-16.zarr"), half)
+        assert verify_store(str(tmp_path / f"{name}-16.zarr")) == []
+        full, small = _arrays(str(tmp_path / f"{name}-32.zarr")), _arrays(str(tmp_path / f"{name}-16.zarr"))
+        assert sorted(full) == sorted(small)
+        for key, values in full.items():
+            if values.dtype == np.float32:
+                assert small[key].dtype == np.float16, key
+                np.testing.assert_allclose(small[key].astype(np.float32), values, rtol=1e-3, atol=1e-3, err_msg=key)
+            else:
+                assert np.array_equal(small[key], values), key

@@ -171,8 +171,10 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
                    collisions: list[Collision], layout: TrainingLayout, manifest_issues: list[dict[str, Any]],
                    fingerprint: dict[str, Any], config: dict[str, Any], classes: list[str], run_fingerprint: str,
                    key_check: dict[str, Any], links: list[dict[str, str]],
-                   assemble_failures: list[dict[str, Any]], mask_checks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write reports and root attributes; drop archive units not in this run; returns the summary."""
+                   assemble_failures: list[dict[str, Any]], mask_checks: list[dict[str, Any]],
+                   digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write reports and root attributes; drop archive units not in this run; returns the summary. `digests`: the
+    stored samples' digests the writing tasks reported (the content hash then reads no sample back)."""
     exclude_failed_samples(store_url, assemble_failures)
     excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures
                                   if not f.get("quarantined")]
@@ -228,7 +230,7 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "archive_images": len(records),
         "run_fingerprint": run_fingerprint,
         "key_check": key_check,
-        "content_hash": content_hash(root, content_extras(records, quarantine_public, classes)),
+        "content_hash": content_hash(root, content_extras(records, quarantine_public, classes), digests),
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
     }

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from medpipe.preprocess import NotTrainable
+from medpipe.readers.base import is_infrastructure_error
 
 MASK_LOSS_TOLERANCE = 0.05  # a stored mask with more than 5 % less foreground than its source mask is flagged
 
@@ -17,6 +20,7 @@ class AssembleResult:
 
     failures: list[dict[str, Any]] = field(default_factory=list)  # {"index", "unit", "reason"}: excluded samples
     mask_checks: list[dict[str, Any]] = field(default_factory=list)  # see `mask_check`
+    digests: dict[str, str] = field(default_factory=dict)  # stored sample -> digest (medpipe.store.content_hash)
 
 
 def foreground_amounts(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
@@ -35,4 +39,18 @@ def mask_check(unit: str, source: dict[str, float], stored: dict[str, float], un
             "flagged": any(f > MASK_LOSS_TOLERANCE for f in lost.values())}
 
 
-__all__ = ["MASK_LOSS_TOLERANCE", "AssembleResult", "foreground_amounts", "mask_check"]
+def capture_failure(result: AssembleResult, index: int, unit_id: str, make: Callable[[], Any]) -> Any:
+    """`make()`, or None with the failure recorded in `result`: a per-sample failure excludes the sample, never
+    the run (storage trouble is re-raised, for the task's retry)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
+        if is_infrastructure_error(exc):
+            raise
+        result.failures.append({"index": index, "unit": unit_id,
+                                "reason": f"preprocessing failed ({type(exc).__name__})"
+                                + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
+        return None
+
+
+__all__ = ["MASK_LOSS_TOLERANCE", "AssembleResult", "capture_failure", "foreground_amounts", "mask_check"]

@@ -271,6 +271,7 @@ def finish_ingest(run: IngestRun, plan: UnitPlan, outcome: ArchiveOutcome, layou
                for link in run.listing.skipped_links],
         assemble_failures=[f for part in assembled for f in part.failures],
         mask_checks=sorted((c for part in assembled for c in part.mask_checks), key=lambda c: c["unit"]),
+        digests={k: v for part in assembled for k, v in part.digests.items()},
     )
 
 
@@ -324,7 +325,8 @@ def run_ingest_steps(run: IngestRun, key: DeidKey, mapper: Mapper = serial_mappe
         fingerprint = compute_fingerprint(outcome.records)
         layout, missing = driver("finish-training", finish_training, store, layout, outcome.records, fingerprint,
                                  cfg.preprocess, run.run_id)
-        mapper("normalize", normalize_rows, [(store, layout.for_range(a, b), a, b, run.run_id)
-                                             for a, b in deferred_rows(layout, outcome.records)])
-        assembled = [s.assembled for s in shards] + [AssembleResult(failures=missing)]
+        normalized = mapper("normalize", normalize_rows, [(store, layout.for_range(a, b), a, b, run.run_id)
+                                                          for a, b in deferred_rows(layout, outcome.records)])
+        # in order: the normalising step's digests replace those of the samples it rewrote
+        assembled = [s.assembled for s in shards] + [AssembleResult(failures=missing)] + normalized
     return driver("finalize", finish_ingest, run, plan, outcome, layout, fingerprint, key, assembled)

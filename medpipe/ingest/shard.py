@@ -7,7 +7,6 @@ written once at the end; 3D cases are written one by one (each its own group).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import zarr
 
@@ -16,9 +15,9 @@ from medpipe.deid import DeidKey
 from medpipe.ingest.archive import DecodedUnit, decode_unit, previous_unit
 from medpipe.ingest.limits import image_byte_limit
 from medpipe.ingest.lock import check_lock
-from medpipe.ingest.mask_check import AssembleResult
+from medpipe.ingest.mask_check import AssembleResult, capture_failure
 from medpipe.ingest.records import ArchiveFailure, ArchiveResult, Unit
-from medpipe.ingest.training import RowBlock, TrainingLayout, capture_failure, sample_from
+from medpipe.ingest.training import RowBlock, TrainingLayout, sample_from
 from medpipe.ingest.volume_cases import write_volume_from
 from medpipe.store import get_group, open_store
 from medpipe.store_batch import ArchiveWriter
@@ -83,8 +82,6 @@ def _make_sample(root: zarr.Group, index: int, decoded: DecodedUnit, layout: Tra
         block.put(index, record.id, lambda: sample_from(decoded.pixels, decoded.mask, record, layout,
                                                         config.preprocess))
         return
-    check: Any = capture_failure(result, index, record.id, lambda: write_volume_from(
+    capture_failure(result, index, record.id, lambda: write_volume_from(
         root, index, decoded.pixels, decoded.mask, record, layout.normalization, config.preprocess,
-        layout.target_spacing, config.store, layout.deferred) or {})
-    if check:
-        result.mask_checks.append(check)
+        layout.target_spacing, config.store, result, layout.deferred))

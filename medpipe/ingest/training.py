@@ -18,14 +18,13 @@ from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveRecord, Unit
 from medpipe.preprocess import NotTrainable, check_kind, normalize, to_training_sample
-from medpipe.readers.base import is_infrastructure_error
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
 from medpipe.ingest.header_geometry import median_of_modality_medians
-from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
+from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
 from medpipe.ingest.volume_cases import (CASES_PER_TASK, assemble_volumes, case_geometry, create_volume_layout,
                                         plan_volumes)
-from medpipe.store import (create_training_arrays, get_array, open_store, read_archive_image, samples_per_chunk,
-                           write_sample_table)
+from medpipe.store import (create_training_arrays, get_array, open_store, read_archive_image, row_digests,
+                           sample_digest, samples_per_chunk, write_sample_table)
 
 
 @dataclass
@@ -261,24 +260,32 @@ def deferred_rows(layout: TrainingLayout, records: list[ArchiveRecord]) -> list[
             if any(modality.get(u) in layout.deferred for u in layout.unit_ids[a:b])]
 
 
-def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int, run_id: str) -> None:
+def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int, run_id: str) -> AssembleResult:
     """Normalise the deferred-modality samples of rows [start, stop) (fixed layout) or cases (volumes) in place with
-    the dataset's statistics (`layout.normalization`): CT clipped and z-scored as nnU-Net does."""
+    the dataset's statistics (`layout.normalization`): CT clipped and z-scored as nnU-Net does. Returns the new
+    digests of what it rewrote."""
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     modalities = layout.modalities[start - layout.offset : stop - layout.offset]
+    result = AssembleResult()
     if layout.volumes:
         for offset, modality in enumerate(modalities):
-            if modality in layout.deferred and f"training/volumes/{start + offset}" in root:
-                image = get_array(root, f"training/volumes/{start + offset}/image")
-                image[...] = normalize(np.asarray(image[...]), modality, layout.normalization.get(modality))
-        return
+            case = f"training/volumes/{start + offset}"
+            if modality in layout.deferred and case in root:
+                image = get_array(root, f"{case}/image")
+                stored = normalize(np.asarray(image[...]), modality,
+                                   layout.normalization.get(modality)).astype(image.dtype, copy=False)
+                image[...] = stored
+                result.digests[f"volumes/{start + offset}/image"] = sample_digest(stored)
+        return result
     images = get_array(root, "training/images")
     block = np.asarray(images[start:stop])
     for offset, modality in enumerate(modalities):
         if modality in layout.deferred:
             block[offset] = normalize(block[offset], modality, layout.normalization.get(modality))
     images[start:stop] = block
+    result.digests.update(row_digests("images", start, block))
+    return result
 
 
 def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int, config: PreprocessConfig,
@@ -298,20 +305,6 @@ def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int
         block.put(start + offset, unit_id, functools.partial(_training_sample, root, unit_id, layout, config))
     block.write(root)
     return block.result
-
-
-def capture_failure(result: AssembleResult, index: int, unit_id: str, make: Callable[[], Any]) -> Any:
-    """`make()`, or None with the failure recorded in `result`: a per-sample failure excludes the sample, never
-    the run (storage trouble is re-raised, for the task's retry)."""
-    try:
-        return make()
-    except Exception as exc:  # noqa: BLE001 - a per-image failure excludes the sample, never the run
-        if is_infrastructure_error(exc):
-            raise
-        result.failures.append({"index": index, "unit": unit_id,
-                                "reason": f"preprocessing failed ({type(exc).__name__})"
-                                + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
-        return None
 
 
 class RowBlock:
@@ -345,9 +338,12 @@ class RowBlock:
         if self.stop <= self.start:
             return
         images = get_array(root, "training/images")
-        images[self.start : self.stop] = self.images.astype(images.dtype, copy=False)
+        stored = self.images.astype(images.dtype, copy=False)
+        images[self.start : self.stop] = stored
+        self.result.digests.update(row_digests("images", self.start, stored))
         if self.masks is not None:
             get_array(root, "training/masks")[self.start : self.stop] = self.masks
+            self.result.digests.update(row_digests("masks", self.start, self.masks))
 
 
 def _training_sample(root: zarr.Group, unit_id: str, layout: TrainingLayout, config: PreprocessConfig

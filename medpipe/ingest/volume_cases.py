@@ -4,17 +4,17 @@ mask on the same grid, and check that the mask kept its foreground."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 
 from medpipe.config import PreprocessConfig, StoreConfig
-from medpipe.ingest.mask_check import AssembleResult, foreground_amounts, mask_check
+from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.planning import SegmentationPlan, plan_segmentation
 from medpipe.preprocess import NotTrainable, convert_channels, normalize
-from medpipe.readers.base import is_infrastructure_error
 from medpipe.store import read_archive_image
 from medpipe.volumes import VOLUMES, CaseGeometry, plan_geometry, ras_affine, to_stored, write_case
 
@@ -69,37 +69,27 @@ def assemble_volumes(root: zarr.Group, unit_ids: Sequence[str], start: int, norm
     """Write cases start, start+1, ... (one per unit id); a case that cannot be made is a failure, not an abort."""
     result = AssembleResult()
     for offset, unit_id in enumerate(unit_ids):
-        index = start + offset
-        try:
-            check = _write_volume(root, index, unit_id, normalization, config, target_spacing,
-                                  store_config or StoreConfig())
-        except Exception as exc:  # noqa: BLE001 - a per-case failure excludes the case, never the run
-            if is_infrastructure_error(exc):
-                raise
-            result.failures.append({"index": index, "unit": unit_id,
-                                    "reason": f"preprocessing failed ({type(exc).__name__})"
-                                    + (f": {exc}" if isinstance(exc, NotTrainable) else "")})
-            continue
-        if check is not None:
-            result.mask_checks.append(check)
+        capture_failure(result, start + offset, unit_id, functools.partial(
+            _write_volume, root, start + offset, unit_id, normalization, config, target_spacing,
+            store_config or StoreConfig(), result))
     return result
 
 
 def _write_volume(root: zarr.Group, index: int, unit_id: str, normalization: Mapping[str, Any],
-                  config: PreprocessConfig, target_spacing: Sequence[float] | None, store_config: StoreConfig
-                  ) -> dict[str, Any] | None:
+                  config: PreprocessConfig, target_spacing: Sequence[float] | None, store_config: StoreConfig,
+                  result: AssembleResult) -> None:
     pixels, mask, attrs = read_archive_image(root, unit_id)
-    return write_volume_from(root, index, pixels, mask, ArchiveRecord.from_attrs(attrs), normalization, config,
-                             target_spacing, store_config)
+    write_volume_from(root, index, pixels, mask, ArchiveRecord.from_attrs(attrs), normalization, config,
+                      target_spacing, store_config, result)
 
 
 def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np.ndarray | None,
                       record: ArchiveRecord, normalization: Mapping[str, Any], config: PreprocessConfig,
-                      target_spacing: Sequence[float] | None, store_config: StoreConfig,
-                      deferred: Sequence[str] = ()) -> dict[str, Any] | None:
+                      target_spacing: Sequence[float] | None, store_config: StoreConfig, result: AssembleResult,
+                      deferred: Sequence[str] = ()) -> None:
     """Write case `index` from a decoded image (C, Z, Y, X) and mask: canonical RAS, resampled to
-    `target_spacing`, normalised (modalities in `deferred` keep their intensities for a later pass); returns the
-    mask check. Raises NotTrainable when the case is too large after resampling."""
+    `target_spacing`, normalised (modalities in `deferred` keep their intensities for a later pass); its digests
+    and mask check go to `result`. Raises NotTrainable when the case is too large after resampling."""
     geometry = case_geometry(record, target_spacing)
     voxels = int(np.prod(geometry.shape))
     if voxels > config.max_volume_voxels:
@@ -112,11 +102,10 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
     stored = to_stored(image, geometry, "linear")
     del image
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
-    write_case(root, index, stored, stored_mask, geometry, record.id, store_config)
-    if mask is None or stored_mask is None:
-        return None
-    return mask_check(record.id, foreground_amounts(mask, record.spacing),
-                      foreground_amounts(stored_mask, geometry.spacing), "ml")
+    result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config))
+    if mask is not None and stored_mask is not None:
+        result.mask_checks.append(mask_check(record.id, foreground_amounts(mask, record.spacing),
+                                             foreground_amounts(stored_mask, geometry.spacing), "ml"))
 
 
 def normalized_volume(pixels: np.ndarray, channels: int, modality: str, norm: Mapping[str, Any] | None

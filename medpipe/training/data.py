@@ -1,10 +1,16 @@
 """Zarr-backed training data: a map-style dataset that reads whole chunks, a block-shuffling batch sampler,
 an optional in-memory cache and MONAI dictionary augmentations.
 
-Reading sample by sample would decompress a ~1 MB chunk for every 16 KB sample; instead the DataLoader asks for a
-whole batch at once (`__getitems__`), the batch is read with one zarr slice per contiguous run of chunks, and
+Reading sample by sample would decompress a ~4 MB chunk for every 16 KB sample; instead the DataLoader asks for a
+whole batch at once (`__getitems__`), the chunks the batch touches are read whole by a `ChunkReader` (stored bytes
+fetched concurrently or memory-mapped, decoded by the codec straight into numpy: no zarr selection machinery), the
+batch is gathered with numpy fancy indexing (float16 stores are cast to float32 in the same step), and
 `BlockShuffleSampler` draws batches from a few chunk-sized blocks at a time so one decompressed chunk serves
 several samples (a small per-process LRU of decoded chunks keeps them between the batches of one window).
+
+DataLoader workers: the sampler, told the number of workers, hands all batches of a window to one worker (torch
+dispatches batch k to worker k % workers), so each chunk is decoded by one process, not by every worker; a
+worker gathers each batch straight into shared memory, which torch then passes to the main process without a copy.
 
 In-memory cache and DataLoader workers: workers start with `spawn` (see `worker_context`), so each one receives
 a pickled copy of the dataset. A cached dataset therefore moves its cache into shared memory (torch storages in
@@ -15,7 +21,6 @@ a pickled copy of the dataset. A cached dataset therefore moves its cache into s
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,6 +36,8 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from medpipe.store import SPLIT_CODES, get_array, get_group
 from medpipe.task import Task
 from medpipe.training import MissingLabelsError, StoreNotCompleteError, TrainingError, as_task
+from medpipe.training.batches import SHM_DIR, SHM_HEADROOM, BatchBuffers, shared_memory_free_bytes
+from medpipe.training.chunk_reader import ChunkReader
 
 set_track_meta(False)  # plain tensors out of MONAI transforms (as in medpipe.preprocess); metadata lives in the store
 
@@ -69,31 +76,14 @@ def patient_subset(root: zarr.Group, split: str, fraction: float, seed: int) -> 
     return rows[np.isin(patients, keep)]
 
 
-SHM_DIR = "/dev/shm"
-SHM_HEADROOM = 256 << 20  # left free in /dev/shm for the DataLoader's own batch transfers
+
+FILL_GROUP = 32  # chunks decoded at a time while filling the in-memory cache
+
+Allocator = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
 
 
-def shared_memory_free_bytes(path: str = SHM_DIR) -> int | None:
-    """Free bytes of the shared-memory filesystem torch allocates shared storages in; None where there is none
-    to measure (not Linux)."""
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def _contiguous_runs(sorted_ids: np.ndarray, max_len: int | None = None) -> list[tuple[int, int]]:
-    """[first, last] pairs of runs of consecutive integers in a sorted unique array, each at most max_len long."""
-    if sorted_ids.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
-    runs = []
-    for run in np.split(sorted_ids, breaks):
-        step = max_len or run.size
-        for s in range(0, run.size, step):
-            part = run[s : s + step]
-            runs.append((int(part[0]), int(part[-1])))
-    return runs
+def _numpy_alloc(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
 
 
 def default_augmentation(task: Task | str, spatial_dims: int) -> Compose:
@@ -148,6 +138,7 @@ class ZarrImageDataset(Dataset):
         self.chunk_cache_bytes = chunk_cache_bytes
         self._root: zarr.Group | None = None
         self._pid: int | None = None
+        self._readers: dict[str, ChunkReader] = {}
         self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lru_bytes = 0
         root = self._group()
@@ -180,6 +171,7 @@ class ZarrImageDataset(Dataset):
         if self._root is None or self._pid != os.getpid():
             self._root = open_group(self.store_url, self.storage_options)
             self._pid = os.getpid()
+            self._readers = {}
             self._lru.clear()
             self._lru_bytes = 0
         return self._root
@@ -215,7 +207,7 @@ class ZarrImageDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         """Picklable state without store handles; the cache travels as shared-memory tensors (or not at all)."""
         state = dict(self.__dict__)
-        state.update(_root=None, _pid=None, _lru=OrderedDict(), _lru_bytes=0, _cache={})
+        state.update(_root=None, _pid=None, _readers={}, _lru=OrderedDict(), _lru_bytes=0, _cache={})
         if self.cached and not self.share_cache():
             state.update(cached=False, _shared={})  # the copy reads chunks: never ship the arrays themselves
         else:
@@ -227,56 +219,77 @@ class ZarrImageDataset(Dataset):
         self._cache = {name: tensor.numpy() for name, tensor in self._shared.items()}
 
     # -- reading -----------------------------------------------------------------------------------------------
-    def _read_rows(self, name: str, store_idx: np.ndarray, use_lru: bool = True) -> np.ndarray:
-        """Rows `store_idx` (sorted, unique) of training/<name>, decompressing each covering chunk once."""
-        arr = get_array(self._group(), f"training/{name}")
-        c = int(arr.chunks[0])
-        out = np.empty((store_idx.size, *arr.shape[1:]), dtype=arr.dtype)
-        if store_idx.size == 0:
-            return out
-        chunk_ids = np.unique(store_idx // c)
+    def _reader(self, name: str) -> ChunkReader:
+        """This process's chunk reader of training/<name>."""
+        root = self._group()
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = ChunkReader(get_array(root, f"training/{name}"))
+        return reader
+
+    def _chunks(self, name: str, chunk_ids: list[int], use_lru: bool) -> dict[int, np.ndarray]:
+        """Decoded chunks by id: LRU hits, the rest read in one concurrent request (and remembered)."""
         blocks: dict[int, np.ndarray] = {}
-        missing = chunk_ids
         if use_lru:
-            for cid in chunk_ids.tolist():
+            for cid in chunk_ids:
                 hit = self._lru.get((name, cid))
                 if hit is not None:
                     self._lru.move_to_end((name, cid))
                     blocks[cid] = hit
-            missing = np.array([cid for cid in chunk_ids.tolist() if cid not in blocks], dtype=np.int64)
-        # One zarr slice per contiguous run of missing chunks (bounded so a cache fill never holds the whole array).
-        for first, last in _contiguous_runs(missing, max_len=32):
-            lo, hi = first * c, min((last + 1) * c, self.n_total)
-            data = np.asarray(arr[lo:hi])
-            for cid in range(first, last + 1):
-                block = data[(cid - first) * c : (cid - first + 1) * c]
+        missing = [cid for cid in chunk_ids if cid not in blocks]
+        if missing:
+            for cid, block in zip(missing, self._reader(name).read(missing)):
                 blocks[cid] = block
                 if use_lru:
                     self._remember((name, cid), block)
-            del data
-        for cid, block in blocks.items():
-            sel = (store_idx >= cid * c) & (store_idx < (cid + 1) * c)
-            out[sel] = block[store_idx[sel] - cid * c]
+        return blocks
+
+    def _read_rows(self, name: str, store_idx: np.ndarray, use_lru: bool = True,
+                   alloc: Allocator = _numpy_alloc) -> np.ndarray:
+        """Rows `store_idx` (any order, repeats allowed) of training/<name>, decompressing each covering chunk
+        once; images come out float32 whatever their stored dtype (float16 stores are cast here, per chunk)."""
+        reader = self._reader(name)
+        dtype = np.dtype(np.float32) if name == "images" else reader.layout.dtype
+        out = alloc(name, (store_idx.size, *reader.shape[1:]), dtype)
+        c = reader.layout.chunk_len
+        chunk_of = store_idx // c
+        order = np.argsort(chunk_of, kind="stable")
+        ids, starts = np.unique(chunk_of[order], return_index=True)
+        bounds = [*starts.tolist(), order.size]
+        group = max(1, len(ids)) if use_lru else FILL_GROUP  # a cache fill never holds more than FILL_GROUP chunks
+        for g in range(0, len(ids), group):
+            part = ids[g : g + group].tolist()
+            blocks = self._chunks(name, part, use_lru)
+            for k, cid in enumerate(part, start=g):
+                sel = order[bounds[k] : bounds[k + 1]]
+                out[sel] = blocks[cid][store_idx[sel] - cid * c]
+            if not use_lru:
+                for block in blocks.values():
+                    reader.recycle(block)
         return out
 
     def _remember(self, key: tuple[str, int], block: np.ndarray) -> None:
-        block = np.array(block)  # own copy: a view would keep the whole run alive
         self._lru[key] = block
         self._lru_bytes += block.nbytes
         while self._lru_bytes > self.chunk_cache_bytes and len(self._lru) > 1:
-            _, old = self._lru.popitem(last=False)
+            (name, _), old = self._lru.popitem(last=False)
             self._lru_bytes -= old.nbytes
+            self._reader(name).recycle(old)
 
     def read_arrays(self, positions: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Raw arrays (no transform) of split positions: {"images", "masks"?, "labels", "indices"}; positions past
-        the split's samples are the extra (synthetic) samples, with indices -1 - k."""
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        """Raw arrays (no transform) of split positions: {"images" float32, "masks"?, "labels", "indices"};
+        positions past the split's samples are the extra (synthetic) samples, with indices -1 - k."""
+        return self._read(np.asarray(positions, dtype=np.int64).reshape(-1), _numpy_alloc)
+
+    def _read(self, pos: np.ndarray, alloc: Allocator) -> dict[str, np.ndarray]:
+        """read_arrays with the image/mask arrays allocated by `alloc`."""
         n_real = int(self.indices.size)
         if pos.size and int(pos.max()) >= n_real:
             real = pos < n_real
             k = pos[~real] - n_real
-            out: dict[str, np.ndarray] = {"images": np.empty((pos.size, *self.sample_shape), np.float32),
-                   "labels": np.empty(pos.size, np.int64), "indices": np.empty(pos.size, np.int64)}
+            out: dict[str, np.ndarray] = {"images": alloc("images", (pos.size, *self.sample_shape), np.dtype("float32")),
+                                          "labels": alloc("labels", (pos.size,), np.dtype("int64")),
+                                          "indices": alloc("indices", (pos.size,), np.dtype("int64"))}
             if real.any():
                 for name, values in self.read_arrays(pos[real]).items():
                     out[name][real] = values
@@ -285,15 +298,26 @@ class ZarrImageDataset(Dataset):
             out["indices"][~real] = -1 - k
             return out
         store_idx = self.indices[pos]
-        result: dict[str, np.ndarray] = {"labels": self.labels_all[store_idx], "indices": store_idx}
+        result: dict[str, np.ndarray] = {"labels": alloc("labels", (pos.size,), np.dtype("int64")),
+                                         "indices": alloc("indices", (pos.size,), np.dtype("int64"))}
+        np.take(self.labels_all, store_idx, out=result["labels"])
+        result["indices"][...] = store_idx
         for name in self._arrays:
             if self.cached:
-                result[name] = self._cache[name][pos]
+                cache = self._cache[name]
+                result[name] = alloc(name, (pos.size, *cache.shape[1:]), cache.dtype)
+                np.take(cache, pos, axis=0, out=result[name])
             else:
-                uniq, inverse = np.unique(store_idx, return_inverse=True)
-                rows = self._read_rows(name, uniq)
-                result[name] = rows if uniq.size == store_idx.size and np.all(uniq == store_idx) else rows[inverse]
+                result[name] = self._read_rows(name, store_idx, alloc=alloc)
         return result
+
+    def _batch_specs(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of a batch of n samples' arrays (as read_arrays returns them)."""
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {"images": ((n, *self.sample_shape), np.dtype("float32"))}
+        if "masks" in self._arrays:
+            specs["masks"] = ((n, 1, *self.sample_shape[1:]), np.dtype("uint8"))
+        specs.update(labels=((n,), np.dtype("int64")), indices=((n,), np.dtype("int64")))
+        return specs
 
     def __len__(self) -> int:
         return int(self.indices.size) + len(self.extra_labels)
@@ -303,9 +327,11 @@ class ZarrImageDataset(Dataset):
 
         Without a transform the result is a `SampleBatch`: a sequence of per-sample dicts that also carries the
         already-stacked batch, which `collate_samples` returns without copying (default_collate works too)."""
-        arrays = self.read_arrays(positions)
         if self.transform is None:
-            return SampleBatch(arrays)
+            pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+            buffers = BatchBuffers(self._batch_specs(pos.size), shared=torch.utils.data.get_worker_info() is not None)
+            return SampleBatch(self._read(pos, buffers), buffers)
+        arrays = self.read_arrays(positions)
         images = torch.from_numpy(arrays["images"])
         masks = torch.from_numpy(arrays["masks"]) if "masks" in arrays else None
         samples = []
@@ -351,18 +377,28 @@ def _checked_extra(extra: tuple[np.ndarray, np.ndarray] | None, split: str, task
     return images, labels
 
 
+BATCH_KEYS = {"images": "image", "labels": "label", "indices": "index", "masks": "mask"}  # array -> batch key
+
+
 class SampleBatch(Sequence):
     """Samples read together: indexable as per-sample dicts, and `.collated` holds the stacked batch tensors.
 
     Hand-written because default_collate re-stacks per-sample tensors (a copy plus Python work per sample), which
     costs more than the chunk read itself for small 2D samples."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.collated: dict[str, torch.Tensor] = {
-            "image": torch.from_numpy(arrays["images"]), "label": torch.from_numpy(arrays["labels"]),
-            "index": torch.from_numpy(arrays["indices"])}
-        if "masks" in arrays:
-            self.collated["mask"] = torch.from_numpy(arrays["masks"])
+    def __init__(self, arrays: dict[str, np.ndarray], buffers: BatchBuffers | None = None) -> None:
+        """`buffers`: the block `arrays` were read into; in a worker the batch then travels as that one block."""
+        keys = {name: BATCH_KEYS[name] for name in arrays}
+        held = buffers.tensors if buffers is not None else {}
+        inside = all(name in held and held[name].data_ptr() == arr.ctypes.data for name, arr in arrays.items())
+        self.collated: dict[str, torch.Tensor]
+        if buffers is not None and inside:
+            packed = buffers.packed(keys)
+            self.collated = packed if buffers.shared else dict(packed)
+        else:
+            self.collated = {keys[name]: torch.from_numpy(arr) for name, arr in arrays.items()}
+            if buffers is not None:
+                buffers.release()
 
     def __len__(self) -> int:
         return int(self.collated["image"].shape[0])
@@ -386,12 +422,17 @@ class BlockShuffleSampler(Sampler[list[int]]):
 
     Hand-written because torch's samplers shuffle individual indices (one chunk decode per sample) and MONAI's
     shuffle buffers work on iterable datasets only. Use as `DataLoader(..., batch_sampler=sampler)`.
+
+    `workers`: the DataLoader's num_workers. torch hands batch k to worker k % workers; with workers > 1 window w
+    belongs to worker w % workers and the batches are dealt so that each worker receives the batches of its own
+    windows. Without this every worker would decode every chunk of every window (each gets some of its batches),
+    i.e. `workers` times the decoding work. Batches mix samples of one window as before; only the last is short.
     """
 
     def __init__(self, dataset: ZarrImageDataset, batch_size: int, seed: int = 0, window: int = 8,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
-        if batch_size < 1 or window < 1:
-            raise TrainingError("batch_size and window must be >= 1")
+                 shuffle: bool = True, drop_last: bool = False, workers: int = 0) -> None:
+        if batch_size < 1 or window < 1 or workers < 0:
+            raise TrainingError("batch_size and window must be >= 1, workers >= 0")
         self._blocks = dataset.blocks()
         self.n = len(dataset)
         self.batch_size = batch_size
@@ -399,6 +440,7 @@ class BlockShuffleSampler(Sampler[list[int]]):
         self.window = window
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.workers = workers
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -407,10 +449,30 @@ class BlockShuffleSampler(Sampler[list[int]]):
 
     def order(self) -> np.ndarray:
         """All positions of this epoch in batch order."""
+        batches = self.batches()
+        return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's batches in the order the sampler yields them (the short last batch included)."""
+        windows = self._windows()
+        if not windows:
+            return []
+        workers = max(1, self.workers)
+        streams = [np.concatenate(windows[w::workers]) for w in range(min(workers, len(windows)))]
+        order = np.concatenate(streams)  # worker 0's windows, then worker 1's, ...: one short batch at the end
+        starts = np.arange(0, order.size, self.batch_size)
+        batches = [order[s : s + self.batch_size] for s in starts.tolist()]
+        if len(streams) < 2:
+            return batches
+        owner = np.searchsorted(np.cumsum([st.size for st in streams]), starts, side="right")
+        return _deal(batches, owner.tolist(), len(streams))
+
+    def _windows(self) -> list[np.ndarray]:
+        """This epoch's windows: positions of `window` blocks each (shuffled together when shuffling)."""
         if not self._blocks:
-            return np.zeros(0, dtype=np.int64)
+            return []
         if not self.shuffle:
-            return np.concatenate(self._blocks)
+            return [np.concatenate(self._blocks[w : w + self.window]) for w in range(0, len(self._blocks), self.window)]
         rng = np.random.default_rng([self.seed, self.epoch])
         perm = rng.permutation(len(self._blocks))
         parts = []
@@ -418,18 +480,33 @@ class BlockShuffleSampler(Sampler[list[int]]):
             part = np.concatenate([self._blocks[b] for b in perm[w : w + self.window]])
             rng.shuffle(part)
             parts.append(part)
-        return np.concatenate(parts)
+        return parts
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = self.order()
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            yield batch.tolist()
+        for batch in self.batches():
+            if not (self.drop_last and len(batch) < self.batch_size):
+                yield batch.tolist()
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def _deal(batches: list[np.ndarray], owner: list[int], workers: int) -> list[np.ndarray]:
+    """Reorder batches so that slot k (which torch gives to worker k % workers) holds the next batch owned by that
+    worker; a worker whose queue is empty takes the next batch of the longest other queue (near the end of an
+    epoch only)."""
+    queues: list[list[np.ndarray]] = [[] for _ in range(workers)]
+    for batch, w in zip(batches, owner):
+        queues[w].append(batch)
+    heads = [0] * workers
+    dealt = []
+    for slot in range(len(batches)):
+        w = slot % workers
+        if heads[w] == len(queues[w]):
+            w = max(range(workers), key=lambda q: len(queues[q]) - heads[q])
+        dealt.append(queues[w][heads[w]])
+        heads[w] += 1
+    return dealt
 
 
 def seed_worker(worker_id: int) -> None:

@@ -44,8 +44,10 @@ deploy: work-pools
 serve: $(STAMP)
 	$(PY) deployments/serve.py
 
+# Issue 11's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md).
 bench: $(STAMP)
-	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/ingest.py --json
+	$(PY) benchmarks/loader.py --json
 
 clean:
 	rm -rf $(DEMO) .prefect

@@ -187,7 +187,11 @@ def ingest(
     workers: Optional[int] = typer.Option(None, help="LocalCluster workers"),
     scheduler: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786"),
     files_per_shard: Optional[int] = typer.Option(None, help="files per parallel work unit"),
-    codec: Optional[str] = typer.Option(None, help="zstd, lz4 or none"),
+    codec: Optional[str] = typer.Option(None, help="training arrays' codec: zstd, lz4 or none"),
+    training_dtype: Optional[str] = typer.Option(None, help="training arrays: float32 (default) or float16 (half "
+                                                 "the bytes; see docs/benchmarks.md for its cost on the demo)"),
+    archive_codec: Optional[str] = typer.Option(None, help="archive codec: auto (JPEG-LS for integer images), "
+                                                "jpegls, zstd, lz4 or none (all lossless)"),
     key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
                                              "(default: $MEDPIPE_DEID_KEY)"),
     progress: bool = typer.Option(True, help="show progress bars"),
@@ -201,7 +205,8 @@ def ingest(
     cfg = build_ingest_config(
         config, **{"manifest": manifest, "classes": classes.split(",") if classes else None,
                    "preprocess.kind": kind, "preprocess.shape": _ints(shape), "preprocess.channels": channels,
-                   "workers": workers, "scheduler": scheduler, "files_per_shard": files_per_shard, "store.codec": codec})
+                   "workers": workers, "scheduler": scheduler, "files_per_shard": files_per_shard, "store.codec": codec,
+                   "store.training_dtype": training_dtype, "store.archive_codec": archive_codec})
     # Refuse before starting any server or cluster (and so before any retry).
     guarded(lambda: preflight_ingest(source, store, cfg.scheduler), user_errors=PATH_ERRORS)
     if not key_secret:  # a key in a Prefect Secret block is read by the flow

@@ -220,8 +220,11 @@ def plan_samples(run: IngestRun, plan: UnitPlan, scans: list[ScanRecord]) -> Tra
         target = planned_target_spacing(known, pre)
         if target is None:
             return None
+    sizes = run.listing.sizes
+    unit_bytes = {u.id: sum(sizes[i] for i in u.indices) for u in plan.units}
     return plan_training(run.store, plan.units, depths, run.manifest.classes, run.config,
-                         min_tasks=TASKS_PER_WORKER * run.config.workers, target_spacing=target)
+                         min_tasks=TASKS_PER_WORKER * run.config.workers, target_spacing=target,
+                         unit_bytes=unit_bytes)
 
 
 def shard_work(run: IngestRun, plan: UnitPlan, tags: dict[str, str], layout: TrainingLayout | None

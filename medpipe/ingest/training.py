@@ -21,7 +21,7 @@ from medpipe.preprocess import NotTrainable, check_kind, normalize, to_training_
 from medpipe.splits import SPLIT_NAMES, patient_labels, split_patients, split_warnings
 from medpipe.ingest.header_geometry import median_of_modality_medians
 from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
-from medpipe.ingest.volume_cases import (CASES_PER_TASK, assemble_volumes, case_geometry, create_volume_layout,
+from medpipe.ingest.volume_cases import (assemble_volumes, case_geometry, create_volume_layout,
                                         plan_volumes)
 from medpipe.store import (create_training_arrays, get_array, open_store, read_archive_image, row_digests,
                            sample_digest, samples_per_chunk, write_sample_table)
@@ -145,10 +145,12 @@ def fits_kind(depth: int | None, config: PreprocessConfig) -> NotTrainable | Non
 
 def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | None], classes: list[str],
                   config: IngestConfig, min_tasks: int,
-                  target_spacing: tuple[float, float, float] | None = None) -> TrainingLayout:
+                  target_spacing: tuple[float, float, float] | None = None,
+                  unit_bytes: dict[str, int] | None = None) -> TrainingLayout:
     """Before archiving: the row (or case) of every unit that fits the configured kind, split by patient, ordered
-    with the seed, every 3D sample resampled to `target_spacing`; creates the training arrays with shards sized so that about `min_tasks` tasks each own whole
-    shards (never more than `config.store.chunks_per_shard` chunks per shard). Writes the labels."""
+    with the seed, every 3D sample resampled to `target_spacing`; creates the training arrays with shards sized so
+    that about `min_tasks` tasks each own whole shards (never more than `config.store.chunks_per_shard` chunks per
+    shard). Cases of the volumes layout are grouped by source bytes (`unit_bytes`). Writes the labels."""
     pre = config.preprocess
     eligible, excluded = [], []
     for unit in sorted(units, key=lambda u: u.id):
@@ -168,8 +170,9 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
     with_masks = any(u.mask is not None for u in chosen)
     root = open_store(store_url, mode="a")
     if volumes:
-        per_task = max(1, min(CASES_PER_TASK, -(-n // max(min_tasks, 1))))
         create_volume_layout(root, n)
+        sizes = [max(1, (unit_bytes or {}).get(u.id, 1)) for u in chosen]
+        ranges = byte_ranges(sizes, max(1, -(-sum(sizes) // max(min_tasks, 1))))
     else:
         per_chunk = samples_per_chunk(sample_shape, np.dtype(training_dtype(config.store)).itemsize,
                                       config.store.chunk_bytes)
@@ -177,11 +180,12 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
         k = max(1, min(config.store.chunks_per_shard, -(-chunks // max(min_tasks, 1))))
         per_task = create_training_arrays(root, n, sample_shape, with_masks,
                                           config.store.model_copy(update={"chunks_per_shard": k}))
+        ranges = [(a, min(a + per_task, n)) for a in range(0, n, per_task)]
     get_array(root, "training/labels")[...] = np.asarray(labels, dtype=np.int64) if n else np.zeros(0, np.int64)
     codes = [split_of[p] for p in patients]
     return TrainingLayout(
         unit_ids=[u.id for u in chosen], modalities=[u.modality for u in chosen], sample_shape=sample_shape,
-        with_masks=with_masks, ranges=[(a, min(a + per_task, n)) for a in range(0, n, per_task)],
+        with_masks=with_masks, ranges=ranges,
         normalization=dict(pre.normalization) if pre.normalization is not None else {},
         target_spacing=target_spacing if pre.kind == "3d" else None, excluded=excluded,
         layout="volumes" if volumes else "fixed",
@@ -190,6 +194,20 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
         warnings=split_warnings(split_of, patient_labels(patients, labels), config.split, classes),
         split_codes=codes, deferred=() if pre.normalization is not None else ("CT",),
     )
+
+
+def byte_ranges(sizes: list[int], target: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges whose `sizes` add up to about `target` each (every range holds at least one)."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= target:
+            ranges.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
 
 
 def training_dtype(store: StoreConfig) -> str:

@@ -108,7 +108,8 @@ class IngestConfig(_Section):
     split: SplitConfig = SplitConfig()
     manifest: str | None = Field(default=None, description="labels CSV; default SOURCE/labels.csv when present")
     classes: list[str] | None = Field(default=None, description="declared class names; default: from the manifest")
-    files_per_shard: int = Field(default=256, ge=1, description="files per parallel work unit")
+    files_per_shard: int = Field(default=256, ge=1, description="files per parallel work unit, at least (larger "
+                                 "when that makes more than 4 tasks per worker)")
     order_seed: int = Field(default=0, description="seed of the sample order in the training arrays")
     max_image_bytes: int = Field(
         default=4 << 30, ge=1 << 20, description="largest decoded image (bytes, from its header) medpipe decodes; "

@@ -79,7 +79,14 @@ class IngestRun:
         return data
 
     def scan_shards(self) -> list[list[tuple[int, str]]]:
-        return make_shards(list(enumerate(self.listing.paths)), self.config.files_per_shard)
+        return make_shards(list(enumerate(self.listing.paths)), self.files_per_task)
+
+    @property
+    def files_per_task(self) -> int:
+        """Files per task of the per-file steps: `files_per_shard` at least, more when that would make more than
+        TASKS_PER_WORKER tasks per worker (each task run costs the orchestrator ~0.1 s; docs/benchmarks.md)."""
+        tasks = TASKS_PER_WORKER * self.config.workers
+        return max(self.config.files_per_shard, -(-len(self.listing.paths) // tasks))
 
 
 @dataclass
@@ -154,7 +161,7 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey, 
 def duplicate_checks(run: IngestRun, scan_records: list[ScanRecord]) -> list[list[tuple[int, str]]]:
     """Shards of `(index, relative path)` of files that share a SOPInstanceUID: their pixels must be compared."""
     items = [(i, run.listing.paths[i]) for group in sop_groups(scan_records) for i in group]
-    return make_shards(items, run.config.files_per_shard)
+    return make_shards(items, run.config.files_per_shard)  # few: only files that share a SOPInstanceUID
 
 
 def plan_ingest(run: IngestRun, scan_records: list[ScanRecord], digests: dict[int, str | None],
@@ -168,14 +175,14 @@ def plan_ingest(run: IngestRun, scan_records: list[ScanRecord], digests: dict[in
 
 
 def unit_shards(run: IngestRun, plan: UnitPlan) -> list[list[Unit]]:
-    """Shards of units holding about `files_per_shard` files each (a CT series counts all its slices)."""
+    """Shards of units holding about `files_per_task` files each (a CT series counts all its slices)."""
     shards: list[list[Unit]] = []
     current: list[Unit] = []
     files = 0
     for unit in plan.units:
         current.append(unit)
         files += len(unit.indices)
-        if files >= run.config.files_per_shard:
+        if files >= run.files_per_task:
             shards.append(current)
             current, files = [], 0
     if current:
@@ -230,7 +237,7 @@ def plan_samples(run: IngestRun, plan: UnitPlan, scans: list[ScanRecord]) -> Tra
 def shard_work(run: IngestRun, plan: UnitPlan, tags: dict[str, str], layout: TrainingLayout | None
                ) -> list[ShardWork]:
     """The ingest tasks: with planned samples, one per write range (whole shards of rows, sized by bytes), the
-    units without a row spread over them; else shards of about `files_per_shard` files."""
+    units without a row spread over them; else shards of about `files_per_task` files."""
     def work(units: list[Unit], start: int = 0, stop: int = 0) -> ShardWork:
         return ShardWork(tuple(units), {u.id: tags[u.id] for u in units}, start, stop,
                          None if layout is None or stop <= start else layout.for_range(start, stop))

@@ -238,9 +238,11 @@ def shard_work(run: IngestRun, plan: UnitPlan, tags: dict[str, str], layout: Tra
                ) -> list[ShardWork]:
     """The ingest tasks: with planned samples, one per write range (whole shards of rows, sized by bytes), the
     units without a row spread over them; else shards of about `files_per_task` files."""
+    fresh = run.previous is None  # nothing of a new store was archived by an earlier (killed) run
+
     def work(units: list[Unit], start: int = 0, stop: int = 0) -> ShardWork:
         return ShardWork(tuple(units), {u.id: tags[u.id] for u in units}, start, stop,
-                         None if layout is None or stop <= start else layout.for_range(start, stop))
+                         None if layout is None or stop <= start else layout.for_range(start, stop), fresh)
 
     if layout is None or not layout.ranges:
         return [work(units) for units in unit_shards(run, plan)]

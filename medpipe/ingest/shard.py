@@ -33,6 +33,7 @@ class ShardWork:
     start: int = 0
     stop: int = 0
     layout: TrainingLayout | None = None
+    fresh: bool = False  # a new store: no unit can have been archived before (the archive is not even listed)
 
 
 @dataclass
@@ -49,7 +50,7 @@ def ingest_shard(source_url: str, store_url: str, work: ShardWork, key: DeidKey,
     samples of its rows from the same decoded arrays."""
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
-    existing = set(get_group(root, "archive").group_keys()) if "archive" in root else set()  # one listing
+    existing = set() if work.fresh else set(get_group(root, "archive").group_keys())  # one listing
     limit = image_byte_limit(config.max_image_bytes)
     layout = work.layout
     rows = {} if layout is None else {u: work.start + i for i, u in enumerate(layout.unit_ids)}

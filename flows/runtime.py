@@ -3,11 +3,13 @@ store lock held by a flow run (killed runs marked Crashed), progress over mapped
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, cast
 from uuid import UUID
@@ -25,9 +27,11 @@ from medpipe.preflight import SCHEDULER_ENV, check_scheduler_transport, schedule
 if TYPE_CHECKING:
     from distributed import Client
     from distributed.security import Security
+    from prefect.server.api.server import SubprocessASGIServer
 
 __all__ = ["SCHEDULER_ENV", "TLS_ENVS", "DaskTlsError", "crash_stale_run", "dask_client", "dask_security",
-           "dask_task_runner", "gather", "held_lock", "load_key", "shared_api_server"]
+           "dask_task_runner", "gather", "held_lock", "load_key", "shared_api_server", "stop_api_server",
+           "warm_api_server"]
 
 TLS_ENVS = ("MEDPIPE_DASK_TLS_CA", "MEDPIPE_DASK_TLS_CERT", "MEDPIPE_DASK_TLS_KEY")
 TLS_SCHEMES = ("tls://", "wss://")
@@ -39,55 +43,151 @@ class DaskTlsError(UserError):
 
 @contextmanager
 def shared_api_server() -> Iterator[str]:
-    """One Prefect API for the flow and its Dask worker processes.
+    """One Prefect API for the flows of this process and their Dask worker processes; yields its URL.
 
     Without a configured PREFECT_API_URL, Prefect starts a temporary (embedded) server per process, so every Dask
     worker would start its own (~5 s each) and report task runs to a different database. We start the embedded
-    server once and export its URL, which worker processes inherit. A configured API (a real server, or the test
-    harness) is exported as it is.
-    """
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    server once per process (`warm_api_server`), keep it for every later flow, and export its URL, which worker
+    processes inherit; it stops at interpreter exit (or `stop_api_server`). A configured API (a real server, or the
+    test harness) is exported as it is for the duration of the block. SIGTERM unwinds the block like Ctrl-C."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    configured = get_current_settings().api.url
-    previous = os.environ.get("PREFECT_API_URL")
-    server = None
-    url = configured
     with _sigterm_unwinds():
-        if not url:
-            server = SubprocessASGIServer()
-            server.start()
-            url = server.api_url
+        url = warm_api_server()
+        previous = os.environ.get("PREFECT_API_URL")  # after the start: the embedded URL stays exported
         os.environ["PREFECT_API_URL"] = url
         try:
             with temporary_settings(updates={PREFECT_API_URL: url}):
                 yield url
         finally:
             _restore_api_url(previous)
-            if server is not None:
+
+
+@dataclass
+class _Embedded:
+    """This process's embedded Prefect server, the $PREFECT_API_URL it replaced and whether it holds the SIGTERM
+    handler (module state, guarded by `_EMBEDDED_LOCK`)."""
+
+    server: SubprocessASGIServer | None = None
+    previous_url: str | None = None
+    sigterm_held: bool = False
+
+
+_EMBEDDED = _Embedded()
+_EMBEDDED_LOCK = threading.Lock()
+
+
+def warm_api_server() -> str:
+    """The Prefect API URL for this process: the configured one, else the embedded server's, started now if it is
+    not running (~5 s, once per process) and exported in $PREFECT_API_URL for Dask workers started later.
+
+    Call it ahead of time (a benchmark, a long-lived process) so that no flow pays the start. The embedded server is
+    kept until interpreter exit or `stop_api_server()`; meanwhile SIGTERM unwinds the process like Ctrl-C (main
+    thread, default handler only), so that it is stopped on `kill` as well."""
+    from prefect.settings import get_current_settings
+
+    with _EMBEDDED_LOCK:
+        server = _EMBEDDED.server
+        embedded_url = server.api_url if server is not None and _alive(server) else None
+        configured = get_current_settings().api.url
+        if configured and configured != embedded_url:
+            return configured
+        if embedded_url:
+            return embedded_url
+        return _start_embedded()
+
+
+def _start_embedded() -> str:
+    """Start the embedded server (caller holds `_EMBEDDED_LOCK`), export its URL, arrange its stop at exit."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    if _EMBEDDED.server is not None:  # its process died: clear Prefect's record of it before a new start
+        _EMBEDDED.server.stop()
+        _restore_api_url(_EMBEDDED.previous_url)
+        _release_sigterm_exit(_EMBEDDED.sigterm_held)
+        _EMBEDDED.server, _EMBEDDED.sigterm_held = None, False
+    held = _hold_sigterm_exit()
+    try:
+        server = SubprocessASGIServer()
+        server.start()
+    except BaseException:
+        _release_sigterm_exit(held)
+        raise
+    _EMBEDDED.sigterm_held = held
+    _EMBEDDED.server = server
+    _EMBEDDED.previous_url = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    atexit.unregister(stop_api_server)
+    atexit.register(stop_api_server)  # runs before Prefect's own atexit stop (registered earlier, in start)
+    return server.api_url
+
+
+def _alive(server: SubprocessASGIServer) -> bool:
+    process = server.server_process
+    return server.running and process is not None and process.poll() is None
+
+
+def stop_api_server() -> bool:
+    """Stop this process's embedded Prefect server (after sending queued logs and events) and restore
+    $PREFECT_API_URL and the SIGTERM handler; False when none was running. Also run at interpreter exit."""
+    with _EMBEDDED_LOCK:
+        server = _EMBEDDED.server
+        if server is None:
+            return False
+        try:
+            if _alive(server):
                 _drain_prefect_services()
-                server.stop()
+            server.stop()
+        finally:
+            _restore_api_url(_EMBEDDED.previous_url)
+            _release_sigterm_exit(_EMBEDDED.sigterm_held)
+            _EMBEDDED.server, _EMBEDDED.sigterm_held = None, False
+        return True
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+_sigterm_holders = 0  # blocks and the embedded server relying on `_exit_on_signal` (main thread only)
+
+
+def _hold_sigterm_exit() -> bool:
+    """Make SIGTERM raise SystemExit(143) until the matching `_release_sigterm_exit`: main thread, and only over the
+    default handler (or ours, already held); True when held."""
+    global _sigterm_holders
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = signal.getsignal(signal.SIGTERM)
+    if current is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    elif current is not _exit_on_signal:
+        return False
+    _sigterm_holders += 1
+    return True
+
+
+def _release_sigterm_exit(held: bool) -> None:
+    """Undo one `_hold_sigterm_exit`; the last holder puts the default handler back (when ours is still there)."""
+    global _sigterm_holders
+    if not held or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_holders = max(0, _sigterm_holders - 1)
+    if _sigterm_holders == 0 and signal.getsignal(signal.SIGTERM) is _exit_on_signal:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """SIGTERM unwinds this process like Ctrl-C (SystemExit 143), so that `finally` blocks run: the store lock is
-    released and the embedded server stopped. (Inside a flow Prefect's own handler raises TerminationSignal and
-    marks the run Crashed, then re-sends the signal to the handler it found: this one.) Main thread, default
-    handler only: a handler someone else installed is left alone."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def _exit(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
+    released and the embedded server stopped (at exit). (Inside a flow Prefect's own handler raises
+    TerminationSignal and marks the run Crashed, then re-sends the signal to the handler it found: this one.) Main
+    thread, default handler only: a handler someone else installed is left alone."""
+    held = _hold_sigterm_exit()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _release_sigterm_exit(held)
 
 
 def _restore_api_url(previous: str | None) -> None:

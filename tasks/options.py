@@ -1,6 +1,10 @@
 """Task options shared by every medpipe task: nothing persisted in Prefect's result storage (results and failures
 stay out of its database and disk), no input-hash caching (inputs are references to data that changes), and
-retries with exponential backoff and jitter for steps that do I/O (object stores fail transiently)."""
+retries with exponential backoff and jitter for steps that do I/O (object stores fail transiently).
+
+Measured (benchmarks/orchestration.py, docs/benchmarks.md): none of these options changes a task's orchestration
+cost measurably, Prefect's defaults included; that cost is the task run itself (context serialization at submission,
+the engine and its events in the worker). Fewer, larger tasks are what lowers it: see the shard rule there."""
 
 from __future__ import annotations
 

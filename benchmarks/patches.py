@@ -32,7 +32,7 @@ from medpipe.training.patches import PatchDataset, patch_augmentation  # noqa: E
 from medpipe.volumes import open_case, plan_geometry, write_case  # noqa: E402
 
 
-def _write_cases(url: str, n: int, shape: tuple[int, int, int]) -> list:
+def write_cases(url: str, n: int, shape: tuple[int, int, int]) -> list:
     """n synthetic CT-like cases (body ellipsoid, a bright sphere lesion) written as a volumes-layout store."""
     root = zarr.open_group(url, mode="w")
     rng = np.random.default_rng(0)
@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     patch = (args.patch[0], args.patch[1], args.patch[2])
     with tempfile.TemporaryDirectory() as tmp:
-        cases = _write_cases(f"{tmp}/store.zarr", args.cases, tuple(args.shape))
+        cases = write_cases(f"{tmp}/store.zarr", args.cases, tuple(args.shape))
         memory = [np.asarray(c.image[...]) for c in cases]
         per_epoch = args.batch * (args.batches + 1)
 

@@ -216,8 +216,10 @@ def _seed_everything(seed: int) -> None:
 # -- data ------------------------------------------------------------------------------------------------------------
 def _loader(ds: ZarrImageDataset, config: TrainConfig, batch_size: int, shuffle: bool, drop_last: bool,
             device: torch.device) -> DataLoader:
+    # workers=: each DataLoader worker gets whole windows of chunks, so no chunk is decoded twice. Workers are not
+    # persistent: each epoch's augmentation RNG is reseeded in the workers at their start (resumed runs repeat it)
     sampler = BlockShuffleSampler(ds, batch_size, seed=config.seed, window=config.block_window, shuffle=shuffle,
-                                  drop_last=drop_last)
+                                  drop_last=drop_last, workers=config.num_workers)
     generator = torch.Generator()
     generator.manual_seed(config.seed)
     return DataLoader(ds, batch_sampler=sampler, num_workers=config.num_workers, worker_init_fn=seed_worker,
@@ -321,7 +323,7 @@ def predict(model: nn.Module, store_url: str, split: str = "test", *, task: Task
     task = as_task(task or getattr(model, "medpipe_task", None) or Task.classify)
     dev = resolve_device(device)
     ds = ZarrImageDataset(store_url, split, task, cache="none", storage_options=storage_options)
-    sampler = BlockShuffleSampler(ds, batch_size, shuffle=False)
+    sampler = BlockShuffleSampler(ds, batch_size, shuffle=False, workers=num_workers)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
                         multiprocessing_context=worker_context(num_workers))
     model = model.to(dev)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # busy machines: 20 s is short
 os.environ.setdefault("MEDPIPE_DEID_KEY", "medpipe-benchmark-key-public-not-secret-0123456789abcdef")
 
 
@@ -28,3 +30,31 @@ def folder_bytes(path: str | Path) -> int:
 def ratio_line(name: str, value: float, goal: str, detail: str) -> str:
     """One printed line per ratio: name, value, goal, what was measured."""
     return f"{name:<44} {value:6.2f}x   goal {goal:<7} ({detail})"
+
+
+def warm_page_cache(path: str | Path) -> int:
+    """Read every file under a folder once (so that timed reads come from memory); returns the bytes read."""
+    total = 0
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            total += len(p.read_bytes())
+    return total
+
+
+def best_time(repeats: int, run: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+    """The shortest wall time of `repeats` calls of `run` (at least one), each after an untimed `setup()`."""
+    times = []
+    for _ in range(max(1, repeats)):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`error: ...`, status 2), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")

@@ -221,10 +221,12 @@ def volume_chunks(shape: Sequence[int], chunk_edge: int) -> tuple[tuple[int, ...
 
 
 def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray | None, geometry: CaseGeometry,
-               unit: str, config: StoreConfig) -> dict[str, str]:
+               unit: str, config: StoreConfig, raw_modality: str | None = None) -> dict[str, str]:
     """Write case `index` under training/volumes/ (overwriting it): image (C, Z, Y, X) in the store's training
     dtype (float32, or float16 when configured), mask uint8 (1, Z, Y, X) (zeros when None), with dimension names
-    and the case's geometry; codecs per layer (medpipe.codecs). Returns the digests of what it stored."""
+    and the case's geometry; codecs per layer (medpipe.codecs). Returns the digests of what it stored.
+    `raw_modality`: the image keeps its raw intensities (CT in HU) and is normalised as it is read, with the
+    store's `normalization` for that modality (see `open_case`)."""
     group = root.require_group(VOLUMES).create_group(str(index), overwrite=True)
     dtype = np.dtype(config.training_dtype)
     chunks, shards = volume_chunks(image.shape, config.volume_chunk)
@@ -239,26 +241,72 @@ def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray
                               fill_value=0, dimension_names=("c", "z", "y", "x"),
                               **codec_chain("volume_mask", config, "uint8"))
     marr[...] = mask
-    group.attrs[ATTRS_KEY] = {"unit": unit, "geometry": geometry.to_dict()}
+    group.attrs[ATTRS_KEY] = {"unit": unit, "geometry": geometry.to_dict(),
+                              **({"raw_intensities": raw_modality} if raw_modality else {})}
     return {f"volumes/{index}/image": sample_digest(stored), f"volumes/{index}/mask": sample_digest(mask)}
 
 
 @dataclass(frozen=True)
+class NormalizedVolume:
+    """A case image stored with raw intensities (CT in HU), normalised as it is read (clip and z-score with the
+    dataset's statistics: elementwise, so any region reads as the slice of the normalised whole). Reads like the
+    zarr array it wraps: `shape`, `ndim`, `chunks`, `dtype` (float32), `fill_value`, `[selection]`."""
+
+    array: zarr.Array
+    modality: str
+    norm: Mapping[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.array.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self.array.chunks)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(np.float32)
+
+    @property
+    def fill_value(self) -> float:
+        return 0.0
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        from medpipe.preprocess import normalize
+
+        return normalize(np.asarray(self.array[selection]), self.modality, dict(self.norm))
+
+
+@dataclass(frozen=True)
 class VolumeCase:
-    """One stored case: lazily read zarr arrays and its geometry."""
+    """One stored case: lazily read arrays and its geometry."""
 
     index: int
     unit: str
-    image: zarr.Array  # float32 or float16 (C, Z, Y, X): readers cast to float32
+    image: zarr.Array | NormalizedVolume  # (C, Z, Y, X), read as float32 normalised intensities
     mask: zarr.Array  # uint8 (1, Z, Y, X)
     geometry: CaseGeometry
 
 
 def open_case(root: zarr.Group, index: int) -> VolumeCase:
-    """Case `index` of a volumes-layout store (arrays are not read)."""
+    """Case `index` of a volumes-layout store (arrays are not read; raw intensities normalised as read)."""
     group = get_group(root, f"{VOLUMES}/{int(index)}")
     attrs = attrs_of(group)
-    return VolumeCase(int(index), str(attrs.get("unit", "")), get_array(group, "image"), get_array(group, "mask"),
+    stored = get_array(group, "image")
+    image: zarr.Array | NormalizedVolume = stored
+    modality = attrs.get("raw_intensities")
+    if modality:
+        norm = (attrs_of(root).get("normalization") or {}).get(modality)
+        if not norm:
+            raise ValueError(f"case {index} holds raw {modality} intensities but the store records no "
+                             "normalisation for them: re-ingest the store")
+        image = NormalizedVolume(stored, str(modality), norm)
+    return VolumeCase(int(index), str(attrs.get("unit", "")), image, get_array(group, "mask"),
                       CaseGeometry.from_dict(attrs["geometry"]))
 
 
@@ -267,6 +315,6 @@ def store_layout(attrs: Mapping[str, Any]) -> str:
     return str(attrs.get("layout") or "fixed")
 
 
-__all__ = ["CANONICAL", "VOLUMES", "CaseGeometry", "VolumeCase", "canonical_ornt", "inverse_ornt", "nifti_image",
+__all__ = ["CANONICAL", "VOLUMES", "CaseGeometry", "NormalizedVolume", "VolumeCase", "canonical_ornt", "inverse_ornt", "nifti_image",
            "open_case", "plan_geometry", "ras_affine", "reorient", "resample", "resampled_shape", "store_layout",
            "to_source", "to_stored", "volume_chunks", "write_case"]

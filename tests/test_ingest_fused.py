@@ -15,7 +15,8 @@ from medpipe.ingest import archive as archive_module
 from medpipe.ingest import pipeline
 from medpipe.ingest.finalize import verify_store
 from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
-from medpipe.store import get_array, get_group, open_store, read_json, read_sample_table
+from medpipe.store import attrs_of, get_array, get_group, open_store, read_json, read_sample_table
+from medpipe.volumes import open_case
 
 CONFIGS = {
     "2d": IngestConfig(files_per_shard=16),
@@ -46,10 +47,10 @@ def _arrays(store: str) -> dict[str, np.ndarray]:
     out = {name: np.asarray(get_array(root, f"training/{name}")[...])
            for name in get_group(root, "training").array_keys()}
     if "volumes" in get_group(root, "training"):
-        volumes = get_group(root, "training/volumes")
-        for case in volumes.group_keys():
-            for name in ("image", "mask"):
-                out[f"{case}/{name}"] = np.asarray(get_array(volumes, f"{case}/{name}")[...])
+        for case in get_group(root, "training/volumes").group_keys():
+            opened = open_case(root, int(case))  # images read as training reads them (normalised)
+            out[f"{case}/image"] = np.asarray(opened.image[...])
+            out[f"{case}/mask"] = np.asarray(opened.mask[...])
     return out
 
 
@@ -100,6 +101,11 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
     assert fused["samples"] > 0
     # the content hash was made from the digests the tasks reported; recomputed from the data it agrees
     assert verify_store(str(tmp_path / "fused.zarr")) == []
+    if name == "3d-volumes":  # CT cases keep HU on disk; reading normalises them with the store's statistics
+        root = open_store(str(tmp_path / "fused.zarr"))
+        case = get_group(root, "training/volumes/0")
+        assert attrs_of(case)["raw_intensities"] == "CT"
+        assert float(np.asarray(get_array(case, "image")[...]).min()) < -500  # air in HU
 
     monkeypatch.setattr(pipeline, "plan_samples", _from_archive)
     reference = _ingest(source, str(tmp_path / "reference.zarr"), config)
@@ -142,11 +148,13 @@ def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
         _ingest(str(source), str(tmp_path / f"{name}-32.zarr"), config)
         _ingest(str(source), str(tmp_path / f"{name}-16.zarr"), half)
         assert verify_store(str(tmp_path / f"{name}-16.zarr")) == []
+        stored = get_array(open_store(str(tmp_path / f"{name}-16.zarr")),
+                           "training/images" if name == "2d" else "training/volumes/0/image")
+        assert stored.dtype == np.float16
         full, small = _arrays(str(tmp_path / f"{name}-32.zarr")), _arrays(str(tmp_path / f"{name}-16.zarr"))
         assert sorted(full) == sorted(small)
         for key, values in full.items():
-            if values.dtype == np.float32:
-                assert small[key].dtype == np.float16, key
-                np.testing.assert_allclose(small[key].astype(np.float32), values, rtol=1e-3, atol=1e-3, err_msg=key)
+            if values.dtype == np.float32:  # CT volumes: HU in float16 (0.5 HU steps near 1000 HU), normalised
+                np.testing.assert_allclose(small[key].astype(np.float32), values, rtol=1e-3, atol=3e-3, err_msg=key)
             else:
                 assert np.array_equal(small[key], values), key

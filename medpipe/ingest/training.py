@@ -23,8 +23,8 @@ from medpipe.ingest.header_geometry import median_of_modality_medians
 from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
 from medpipe.ingest.volume_cases import (assemble_volumes, case_geometry, create_volume_layout,
                                         plan_volumes)
-from medpipe.store import (create_training_arrays, get_array, open_store, read_archive_image, row_digests,
-                           sample_digest, samples_per_chunk, write_sample_table)
+from medpipe.store import (ATTRS_KEY, attrs_of, create_training_arrays, get_array, get_group, open_store,
+                           read_archive_image, row_digests, sample_digest, samples_per_chunk, write_sample_table)
 
 
 @dataclass
@@ -272,10 +272,11 @@ def _unit_field(record: ArchiveRecord | None, name: str) -> str:
 
 def deferred_rows(layout: TrainingLayout, records: list[ArchiveRecord]) -> list[tuple[int, int]]:
     """Ranges (whole write ranges of the layout) holding samples whose intensities wait for the dataset's
-    statistics: the normalising step rewrites only these."""
+    statistics: the normalising step rewrites only these. Volumes are normalised as they are read (a case is far
+    larger than the patches read from it), unless the dataset gave no statistics (per-image z-score: rewritten)."""
     modality = {r.id: r.modality for r in records}
-    return [(a, b) for a, b in layout.ranges
-            if any(modality.get(u) in layout.deferred for u in layout.unit_ids[a:b])]
+    waiting = {m for m in layout.deferred if not (layout.volumes and layout.normalization.get(m))}
+    return [(a, b) for a, b in layout.ranges if any(modality.get(u) in waiting for u in layout.unit_ids[a:b])]
 
 
 def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int, run_id: str) -> AssembleResult:
@@ -289,12 +290,14 @@ def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int
     if layout.volumes:
         for offset, modality in enumerate(modalities):
             case = f"training/volumes/{start + offset}"
-            if modality in layout.deferred and case in root:
+            if modality in layout.deferred and not layout.normalization.get(modality) and case in root:
+                # no dataset statistics: z-scored per case, which a read of a patch cannot do
                 image = get_array(root, f"{case}/image")
-                stored = normalize(np.asarray(image[...]), modality,
-                                   layout.normalization.get(modality)).astype(image.dtype, copy=False)
+                stored = normalize(np.asarray(image[...]), modality, None).astype(image.dtype, copy=False)
                 image[...] = stored
                 result.digests[f"volumes/{start + offset}/image"] = sample_digest(stored)
+                group = get_group(root, case)
+                group.attrs[ATTRS_KEY] = {k: v for k, v in attrs_of(group).items() if k != "raw_intensities"}
         return result
     images = get_array(root, "training/images")
     block = np.asarray(images[start:stop])

@@ -88,8 +88,8 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
                       target_spacing: Sequence[float] | None, store_config: StoreConfig, result: AssembleResult,
                       deferred: Sequence[str] = ()) -> None:
     """Write case `index` from a decoded image (C, Z, Y, X) and mask: canonical RAS, resampled to
-    `target_spacing`, normalised (modalities in `deferred` keep their intensities for a later pass); its digests
-    and mask check go to `result`. Raises NotTrainable when the case is too large after resampling."""
+    `target_spacing`, normalised (modalities in `deferred` keep their raw intensities: normalised as read, see
+    medpipe.volumes.open_case); its digests and mask check go to `result`. Raises NotTrainable when the case is too large after resampling."""
     geometry = case_geometry(record, target_spacing)
     voxels = int(np.prod(geometry.shape))
     if voxels > config.max_volume_voxels:
@@ -102,7 +102,8 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
     stored = to_stored(image, geometry, "linear")
     del image
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
-    result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config))
+    raw = record.modality if record.modality in deferred else None
+    result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config, raw))
     if mask is not None and stored_mask is not None:
         result.mask_checks.append(mask_check(record.id, foreground_amounts(mask, record.spacing),
                                              foreground_amounts(stored_mask, geometry.spacing), "ml"))

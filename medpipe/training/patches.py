@@ -220,7 +220,7 @@ class PatchDataset(Dataset):
 
     def __init__(
         self,
-        images: Sequence[zarr.Array],
+        images: Sequence[Any],  # zarr arrays, or medpipe.volumes.NormalizedVolume (read like one)
         masks: Sequence[zarr.Array],
         patch: tuple[int, int, int],
         samples_per_epoch: int,

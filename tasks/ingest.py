@@ -48,10 +48,27 @@ def prepare(source: str, store: str, config: IngestConfig, key: DeidKey, run_id:
     return pipeline.prepare_ingest(source, store, config, key, run_id, retry_quarantined)
 
 
+class Arguments:
+    """A step's arguments in a box Prefect does not look into: it walks lists, tuples, dicts and dataclasses given
+    to a task in search of futures, which cost seconds for a shard's thousands of records (measured:
+    docs/benchmarks.md). Not a dataclass on purpose."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self.values = values
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.values
+
+    def __setstate__(self, values: tuple[Any, ...]) -> None:
+        self.values = values
+
+
 @task(name="step", **IO_TASK)
-def run_step(step: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def run_step(step: str, fn: Callable[..., Any], args: Arguments) -> Any:
     """One step of the ingest, `fn(*args)` (a shard of a mapped step, or a driver step); retried on failure."""
-    return safe(step)(fn)(*args)
+    return safe(step)(fn)(*args.values)
 
 
 def prefect_mapper(show_progress: bool) -> pipeline.Mapper:
@@ -61,7 +78,8 @@ def prefect_mapper(show_progress: bool) -> pipeline.Mapper:
     def mapper(step: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
         if not calls:
             return []
-        futures = run_step.with_options(name=f"{step}-shard").map(unmapped(step), unmapped(fn), calls)
+        futures = run_step.with_options(name=f"{step}-shard").map(unmapped(step), unmapped(fn),
+                                                                  [Arguments(c) for c in calls])
         return gather(futures, step, show_progress)
 
     return mapper
@@ -69,4 +87,4 @@ def prefect_mapper(show_progress: bool) -> pipeline.Mapper:
 
 def prefect_driver(step: str, fn: Callable[..., Any], *args: Any) -> Any:
     """A Driver that runs a driver step as the task run `<step>` in the flow's process."""
-    return run_step.with_options(name=step)(step, fn, args)
+    return run_step.with_options(name=step)(step, fn, Arguments(args))

@@ -223,12 +223,13 @@ def volume_chunks(shape: Sequence[int], chunk_edge: int) -> tuple[tuple[int, ...
 def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray | None, geometry: CaseGeometry,
                unit: str, config: StoreConfig, raw_modality: str | None = None) -> dict[str, str]:
     """Write case `index` under training/volumes/ (overwriting it): image (C, Z, Y, X) in the store's training
-    dtype (float32, or float16 when configured), mask uint8 (1, Z, Y, X) (zeros when None), with dimension names
+    dtype (float32, or float16 when configured; raw integer intensities as they are), mask uint8 (1, Z, Y, X) (zeros when None), with dimension names
     and the case's geometry; codecs per layer (medpipe.codecs). Returns the digests of what it stored.
     `raw_modality`: the image keeps its raw intensities (CT in HU) and is normalised as it is read, with the
     store's `normalization` for that modality (see `open_case`)."""
     group = root.require_group(VOLUMES).create_group(str(index), overwrite=True)
-    dtype = np.dtype(config.training_dtype)
+    # raw integer intensities (CT in HU, not resampled) stay integers: exact, and half of float32
+    dtype = image.dtype if image.dtype.kind in "iu" and raw_modality else np.dtype(config.training_dtype)
     chunks, shards = volume_chunks(image.shape, config.volume_chunk)
     arr = group.create_array("image", shape=image.shape, dtype=dtype, chunks=chunks, shards=shards,
                              fill_value=0.0, dimension_names=("c", "z", "y", "x"),

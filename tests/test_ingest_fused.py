@@ -105,6 +105,7 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
         root = open_store(str(tmp_path / "fused.zarr"))
         case = get_group(root, "training/volumes/0")
         assert attrs_of(case)["raw_intensities"] == "CT"
+        assert get_array(case, "image").dtype == np.int16  # whole HU, not resampled here
         assert float(np.asarray(get_array(case, "image")[...]).min()) < -500  # air in HU
 
     monkeypatch.setattr(pipeline, "plan_samples", _from_archive)
@@ -150,7 +151,8 @@ def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
         assert verify_store(str(tmp_path / f"{name}-16.zarr")) == []
         stored = get_array(open_store(str(tmp_path / f"{name}-16.zarr")),
                            "training/images" if name == "2d" else "training/volumes/0/image")
-        assert stored.dtype == np.float16
+        # CT cases not resampled keep their HU exactly as int16 (normalised as read), whatever the training dtype
+        assert stored.dtype == (np.float16 if name == "2d" else np.int16)
         full, small = _arrays(str(tmp_path / f"{name}-32.zarr")), _arrays(str(tmp_path / f"{name}-16.zarr"))
         assert sorted(full) == sorted(small)
         for key, values in full.items():

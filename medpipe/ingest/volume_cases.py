@@ -95,8 +95,8 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
     if voxels > config.max_volume_voxels:
         raise NotTrainable(f"too large after resampling to the planned spacing: {list(geometry.shape)} = {voxels} "
                            f"voxels > max_volume_voxels {config.max_volume_voxels}")
-    if record.modality in deferred:
-        image = convert_channels(pixels, config.channels).astype(np.float32, copy=False)
+    if record.modality in deferred:  # raw: stays int16 HU unless resampling makes it float
+        image = convert_channels(pixels, config.channels)
     else:
         image = normalized_volume(pixels, config.channels, record.modality, normalization.get(record.modality))
     stored = to_stored(image, geometry, "linear")

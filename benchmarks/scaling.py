@@ -9,7 +9,7 @@ ingesting a CT corpus several times larger than a worker's memory limit.
     2 `dask worker` processes on loopback, tests/e2e/processes.py), each after its workers imported medpipe (start-up
     is not throughput); ratios against the 1-worker run of the same invocation.
 
-The ingest is the flow's own library steps on bare Dask (benchmarks/ingest.py `ingest_with`): the Prefect flow runs
+The ingest is the flow's own library steps on bare Dask (benchmarks/ingest.py `ingest`): the Prefect flow runs
 the same functions as tasks and adds a Prefect import (~40 MB RSS) to each worker; docs/benchmarks.md (c) has its
 time overhead.
 
@@ -35,17 +35,10 @@ from typing import Any, Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import folder_bytes  # noqa: E402  (sets the benchmark key and Prefect env)
-from benchmarks.ingest import ingest_with  # noqa: E402
+from benchmarks.ingest import dask_mapper, ingest  # noqa: E402
 from medpipe.config import IngestConfig, PreprocessConfig  # noqa: E402
 
 PAUSE_FRACTION = 0.8  # distributed.worker.memory.pause (default)
-
-
-def dask_mapper(client: Any) -> Callable[..., list[Any]]:
-    """`mapper(fn, *iterables)` for `ingest_with`: the calls as Dask tasks, results in order."""
-    def mapper(fn: Callable[..., Any], *iterables: Any) -> list[Any]:
-        return list(client.gather(client.map(fn, *iterables, pure=False)))
-    return mapper
 
 
 @dataclass(frozen=True)
@@ -231,7 +224,7 @@ def ingest_measured(cluster: LimitedCluster, corpus: Corpus, store: str, config:
     client = cluster.client
     before = client.run(_worker_memory)
     start = time.perf_counter()
-    summary = ingest_with(dask_mapper(client), corpus.path, store, config)
+    summary = ingest(Path(corpus.path), Path(store), config, dask_mapper(client))
     seconds = time.perf_counter() - start
     after = client.run(_worker_memory)
     logs = [msg for lines in client.get_worker_logs().values() for _, msg in lines]
@@ -282,7 +275,7 @@ def _timed_ingest(client: Any, name: str, workers: int, corpus: Corpus, store: P
     client.run(_warm_up)
     shutil.rmtree(store, ignore_errors=True)
     start = time.perf_counter()
-    ingest_with(dask_mapper(client), corpus.path, str(store), config)
+    ingest(Path(corpus.path), store, config, dask_mapper(client))
     return Throughput(name, workers, time.perf_counter() - start, corpus.bytes, corpus.files, folder_bytes(store))
 
 

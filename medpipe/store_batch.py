@@ -30,7 +30,9 @@ from medpipe.config import StoreConfig
 from medpipe.store import ATTRS_KEY, store_fs
 from medpipe.store import archive_axes, archive_chunks, dimension_names
 
-FLUSH_BYTES = 64 << 20  # raw bytes held before a flush (a large volume flushes on its own)
+FLUSH_BYTES = 16 << 20  # raw bytes of small images held before a flush
+LARGE_IMAGE = 2 << 20  # an image this large is written at once: batching only pays for small ones, and a held
+#                        volume would sit in a worker's memory beside the next one (Dask pauses at 80 %)
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class ArchiveWriter:
         """Queue one image (and its mask); flushes when the batch holds FLUSH_BYTES."""
         self.images.append(ArchiveImage(unit_id, pixels, tuple(spacing), mask, attrs))
         self.pending += pixels.nbytes + (mask.nbytes if mask is not None else 0)
-        if self.pending >= FLUSH_BYTES:
+        if self.pending >= FLUSH_BYTES or pixels.nbytes >= LARGE_IMAGE:
             self.flush()
 
     def flush(self) -> None:

@@ -83,7 +83,7 @@ def test_served_ingest_survives_a_killed_worker_and_flaky_s3(tmp_path):
         assert not psutil.pid_exists(kill.pid) and kill.worker in cluster.killed
         tree = run_tree(server.api_url, faulted)
         assert tree.not_completed() == [] and run_tree(server.api_url, clean).not_completed() == []
-        assert any(name.startswith("archive-shard") for name in tree.task_names())
+        assert any(name.startswith("ingest-shard") for name in tree.task_names())
         assert proxy.injected > 0, "faults must have been injected into the S3 run"
         expected, result = store_summary(str(clean_store)), store_summary(store, s3)
         assert result["content_hash"] == expected["content_hash"]

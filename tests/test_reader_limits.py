@@ -97,9 +97,9 @@ def _ct_series(root: Path, n: int = 4, size: tuple[int, int] = (8, 8)) -> list[s
 
 
 def test_series_limit_is_the_sum_over_slices(tmp_path):
-    paths = _ct_series(tmp_path)  # 4 slices of 8x8 CT -> float32: 1024 bytes
+    paths = _ct_series(tmp_path)  # 4 slices of 8x8 CT -> at most float32: 1024 bytes (the header-only bound)
     image = read_dicom_series(paths, LOCAL, max_image_bytes=1024)
-    assert image.pixels.nbytes == 1024
+    assert image.pixels.nbytes == 512 and image.pixels.dtype == np.int16  # exact HU as int16
     exc = _reason(read_dicom_series, paths, LOCAL, max_image_bytes=1023)
     assert exc.reason == R.too_large and exc.detail.startswith("8x8x4 needs")
     assert _reason(read_unit, "dicom-series", paths, LOCAL, max_image_bytes=1023).reason == R.too_large

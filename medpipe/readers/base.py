@@ -66,7 +66,7 @@ class DecodedImage:
     ``UnreadableFile(non_finite_pixels)``.
     """
 
-    pixels: np.ndarray  # 2D: (C, Y, X); 3D: (C, Z, Y, X). CT in HU as float32, others native dtype.
+    pixels: np.ndarray  # 2D: (C, Y, X); 3D: (C, Z, Y, X). CT in HU (int16 when exact, else float32), others native.
     spacing: tuple[float, ...]  # mm per spatial axis in array order: (dy, dx) or (dz, dy, dx)
     modality: str
     header: pydicom.Dataset | None  # first DICOM dataset of the unit without pixel data

@@ -429,7 +429,8 @@ def to_modality_values(
 ) -> np.ndarray:
     """Apply the modality LUT / rescale to (frames, Y, X, C) stored values.
 
-    CT always becomes float32 HU; other modalities become float32 only when a non-identity
+    CT becomes HU: int16 when that is exact (integer stored values, slope 1, integer intercepts, HU within int16:
+    nearly every CT, with no float copy), else float32; other modalities become float32 only when a non-identity
     rescale is present, else keep their native dtype. Rescale is applied per frame by hand
     (float32) because pydicom's ``apply_rescale`` only reads top-level attributes (enhanced
     multi-frame keeps them per frame) and returns float64. ``frames``: the file's frame numbers of ``arr``.
@@ -444,6 +445,15 @@ def to_modality_values(
     identity = all(p is None or p == (1.0, 0.0) for p in params)
     if identity and modality != "CT":
         return arr
+    if modality == "CT" and arr.dtype.kind in "iu" and all(p is None or (p[0] == 1.0 and float(p[1]).is_integer())
+                                                          for p in params):
+        hu = arr.astype(np.int32)
+        for i, p in enumerate(params):
+            if p is not None and p[1]:
+                hu[i] += int(p[1])
+        if hu.size == 0 or (int(hu.min()) >= -32768 and int(hu.max()) <= 32767):
+            return hu.astype(np.int16)
+        return hu.astype(np.float32)
     out = arr.astype(np.float32)
     if not identity:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is handled by finite_pixels

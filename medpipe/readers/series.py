@@ -125,7 +125,8 @@ def _check_series_size(datasets: list[pydicom.Dataset], max_image_bytes: int | N
 def read_dicom_series(
     paths: Sequence[str], fs: fsspec.AbstractFileSystem, max_image_bytes: int | None = None
 ) -> DecodedImage:
-    """Decode the slices of one acquisition (any order) to (C, Z, Y, X); CT as float32 HU, others native dtype.
+    """Decode the slices of one acquisition (any order) to (C, Z, Y, X); CT in HU (int16 when exact, else float32),
+    others in their native dtype.
 
     ``max_image_bytes`` caps the decoded volume (sum over slices) before any slice is decoded (``too_large``);
     non-finite float values follow :func:`medpipe.readers.base.finite_pixels`.
@@ -150,8 +151,8 @@ def read_dicom_series(
             values = to_modality_values(decode_pixels(ds), ds, modality)[0]  # (Y, X, C)
         except UnreadableFile as exc:
             raise UnreadableFile(exc.reason, f"slice {index} of {len(paths)}: {exc.detail}") from None
-        if volume is None:  # CT is float32 from the start; others follow the first slice's dtype
-            dtype = np.float32 if modality == "CT" else values.dtype
+        if volume is None:  # the first slice's dtype (CT: int16 HU when exact, else float32); a later slice that
+            dtype = values.dtype  # needs more (a rescale) widens the volume below
             volume = np.empty((values.shape[-1], len(order), *values.shape[:2]), dtype=dtype)
         elif not np.can_cast(values.dtype, volume.dtype, "safe"):  # e.g. one slice with a rescale
             volume = volume.astype(np.float32 if values.dtype.kind == "f" else np.result_type(volume, values))

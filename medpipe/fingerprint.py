@@ -15,7 +15,14 @@ SAMPLES_PER_IMAGE = 256
 
 
 def intensity_sample(pixels: np.ndarray, modality: str, seed: int) -> list[float]:
-    """Up to SAMPLES_PER_IMAGE foreground intensities of one image, drawn reproducibly."""
+    """Up to SAMPLES_PER_IMAGE foreground intensities of one image, drawn reproducibly (uniformly, with
+    replacement). CT draws candidate voxels first and keeps the foreground ones: no whole-volume copy."""
+    if modality == "CT" and pixels.size:
+        flat = pixels.reshape(-1)
+        candidates = flat[np.random.default_rng(seed).integers(0, flat.size, size=16 * SAMPLES_PER_IMAGE)]
+        foreground = candidates[candidates > CT_FOREGROUND_HU]
+        if foreground.size >= SAMPLES_PER_IMAGE:  # else (little body in view) the exact path below
+            return [round(float(v), 4) for v in foreground[:SAMPLES_PER_IMAGE].astype(np.float32)]
     values = pixels.astype(np.float32, copy=False).ravel()
     if modality == "CT":
         values = values[values > CT_FOREGROUND_HU]

@@ -27,6 +27,9 @@ def foreground_amounts(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, 
     """Foreground per label of a label map (1, *spatial) with voxel `spacing` (mm per spatial axis): ml for 3D,
     mm² for 2D."""
     per_voxel = float(np.prod(spacing)) / (1000.0 if len(spacing) == 3 else 1.0)
+    if mask.dtype == np.uint8:  # one counting pass (masks are stored as uint8)
+        counts = np.bincount(mask.reshape(-1), minlength=1)
+        return {str(k): round(float(counts[k]) * per_voxel, 4) for k in np.flatnonzero(counts) if k != 0}
     labels, counts = np.unique(mask[mask > 0], return_counts=True)
     return {str(int(k)): round(float(n) * per_voxel, 4) for k, n in zip(labels, counts)}
 

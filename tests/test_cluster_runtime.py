@@ -244,7 +244,11 @@ def _start_cli_ingest(source: Path, store: Path, key: str) -> subprocess.Popen:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "MEDPIPE_DEID_KEY": key, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    cmd = [sys.executable, "-m", "medpipe.cli", "ingest", str(source), str(store), "--classes", CLASSES,
+    # SIGINT restored first: a test run started in the background of a non-interactive shell inherits it ignored
+    # (POSIX), and so would this CLI; `medpipe.cli` then runs as `python -m medpipe.cli` would
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'medpipe'; runpy.run_module('medpipe.cli', run_name='__main__')")
+    cmd = [sys.executable, "-c", start, "ingest", str(source), str(store), "--classes", CLASSES,
            "--files-per-shard", "2", "--workers", "1", "--no-progress"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -175,7 +175,7 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
         sizes = [max(1, (unit_bytes or {}).get(u.id, 1)) for u in chosen]
         ranges = byte_ranges(sizes, max(1, -(-sum(sizes) // max(min_tasks, 1))))
     else:
-        per_chunk = samples_per_chunk(sample_shape, np.dtype(training_dtype(config.store)).itemsize,
+        per_chunk = samples_per_chunk(sample_shape, np.dtype(config.store.training_dtype).itemsize,
                                       config.store.chunk_bytes)
         chunks = max(1, -(-n // per_chunk))
         k = max(1, min(config.store.chunks_per_shard, -(-chunks // max(min_tasks, 1))))
@@ -209,11 +209,6 @@ def byte_ranges(sizes: list[int], target: int) -> list[tuple[int, int]]:
     if start < len(sizes):
         ranges.append((start, len(sizes)))
     return ranges
-
-
-def training_dtype(store: StoreConfig) -> str:
-    """dtype of training/images (float32 unless the store config asks for a smaller one)."""
-    return str(getattr(store, "training_dtype", "float32"))
 
 
 def finish_training(store_url: str, layout: TrainingLayout, records: list[ArchiveRecord], fingerprint: dict[str, Any],

@@ -45,8 +45,9 @@ serve: $(STAMP)
 	$(PY) deployments/serve.py
 
 # Issue 11's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md).
+# REAL_CT=DIR: folder of real CT series for store_vs_source_ct (e.g. dcm_qa_ct/In), else the generated CT.
 bench: $(STAMP)
-	$(PY) benchmarks/ingest.py --json
+	$(PY) benchmarks/ingest.py --json $(if $(REAL_CT),--real-ct $(REAL_CT))
 	$(PY) benchmarks/loader.py --json
 
 clean:

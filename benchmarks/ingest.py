@@ -8,7 +8,10 @@
   flow_vs_bare_dask                  the Prefect flow vs the same `run_ingest_steps` on bare Dask over the small 2D
                                      files, both on one warm 2-worker cluster: Prefect API server start, cluster start
                                      and first imports in the workers (paid once by a long-lived process) excluded
-  store_vs_source_ct                 store bytes / source bytes of the CT store (uncompressed DICOM)
+  store_vs_source_ct                 store bytes / source bytes of a CT store (uncompressed DICOM): of the real CT
+                                     series under --real-ct DIR when given (e.g. the `In` folder of
+                                     github.com/neurolabusc/dcm_qa_ct), else of the generated CT, whose white noise
+                                     no lossless codec can shrink (`store_vs_source_ct_synthetic`, always printed)
   store_vs_source_2d                 store bytes / source bytes of a 2D store with float16 training arrays, on 8-bit
                                      PNG tiles of scikit-image's sample images; the demo's synthetic (noisy) 2D files
                                      are printed beside it (`store_vs_source_2d_demo`)
@@ -18,7 +21,7 @@ Generated sources are cached under --out, so a rerun skips generation. With --js
 object: the five ratios above plus the absolute rates and times behind them.
 
 Usage: python benchmarks/ingest.py [--ct-series 6] [--ct-size 512] [--ct-slices 40] [--small-files 10000]
-                                   [--repeats 1] [--out bench-output] [--json]
+                                   [--real-ct DIR] [--repeats 1] [--out bench-output] [--json]
 """
 
 from __future__ import annotations
@@ -341,14 +344,22 @@ def measure_cluster(src: Sources, out: Path, repeats: int, fig: dict[str, float]
                        f"{WORKERS}-worker cluster; Prefect server and cluster start excluded")]
 
 
-def measure_sizes(src: Sources, out: Path, fig: dict[str, float]) -> list[str]:
-    """store_vs_source_ct (the serial CT store), store_vs_source_2d (PNG tiles, ingested here) and
+def measure_sizes(src: Sources, out: Path, fig: dict[str, float], real_ct: Path | None) -> list[str]:
+    """store_vs_source_ct (real CT ingested here when given, else the serial store of the generated CT),
+    store_vs_source_ct_synthetic (the generated CT), store_vs_source_2d (PNG tiles, ingested here) and
     store_vs_source_2d_demo (the flow's store of the demo's 2D files); returns the printed lines."""
     tiles = out / "tiles.zarr"
     fresh(tiles)()
     ingest(src.tiles, tiles, src.small_config)
     shape = "x".join(map(str, src.ct_config.preprocess.shape))
-    measured = (("store_vs_source_ct", "<= 0.6", src.ct, out / "ct-1.zarr", f"CT, training {shape} float32"),
+    synthetic = ("generated CT (white noise)", src.ct, out / "ct-1.zarr")
+    ct_what, ct_source, ct_store = synthetic
+    if real_ct is not None:
+        ct_what, ct_source, ct_store = f"real CT in {real_ct.name}/", real_ct, out / "real-ct.zarr"
+        fresh(ct_store)()
+        ingest(real_ct, ct_store, src.ct_config)
+    measured = (("store_vs_source_ct", "<= 0.6", ct_source, ct_store, f"{ct_what}, 3D, patches {shape}"),
+                ("store_vs_source_ct_synthetic", "-", synthetic[1], synthetic[2], f"{synthetic[0]}, 3D"),
                 ("store_vs_source_2d", "<= 1.0", src.tiles, tiles,
                  f"{TILE}x{TILE} 8-bit PNG tiles of skimage samples, float16 training"),
                 ("store_vs_source_2d_demo", "-", src.small, out / "small-flow.zarr",
@@ -369,6 +380,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ct-slices", type=int, default=40, help="slices per CT series")
     parser.add_argument("--small-files", type=int, default=10_000, help="small 2D files for flow_vs_bare_dask")
     parser.add_argument("--tiles", type=int, default=None, help="at most this many PNG tiles (default: all, ~350)")
+    parser.add_argument("--real-ct", type=Path, default=None,
+                        help="folder of real CT series for store_vs_source_ct (default: the generated CT)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side (the best counts)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object of all figures")
     args = parser.parse_args()
@@ -376,6 +389,8 @@ def parse_args() -> argparse.Namespace:
             or (args.tiles is not None and args.tiles < 4)):
         parser.error("need --ct-series >= 1, --small-files >= 4, --tiles >= 4, --repeats >= 1, --ct-size >= 16, "
                      "--ct-slices >= 4")
+    if args.real_ct is not None and not args.real_ct.is_dir():
+        parser.error(f"--real-ct is not a folder: {args.real_ct}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out is not a folder: {args.out}")
     return args
@@ -395,7 +410,7 @@ def main() -> None:
     lines = measure_one_worker(src, out, args.repeats, fig)
     note("serial runs done")
     lines += measure_cluster(src, out, args.repeats, fig)
-    lines += measure_sizes(src, out, fig)
+    lines += measure_sizes(src, out, fig, args.real_ct and args.real_ct.resolve())
     print("\n".join(lines), flush=True)
     note("deleting earlier stores")
     empty_trash(out)

@@ -14,9 +14,12 @@ from medpipe.deid import resolve_key
 from medpipe.ingest import archive as archive_module
 from medpipe.ingest import pipeline
 from medpipe.ingest.finalize import verify_store
+from medpipe.ingest.records import ArchiveRecord
+from medpipe.ingest.volume_cases import case_geometry
 from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
-from medpipe.store import attrs_of, get_array, get_group, open_store, read_json, read_sample_table
-from medpipe.volumes import open_case
+from medpipe.store import (attrs_of, get_array, get_group, open_store, read_archive_image, read_json,
+                           read_sample_table)
+from medpipe.volumes import open_case, to_stored
 
 CONFIGS = {
     "2d": IngestConfig(files_per_shard=16),
@@ -160,3 +163,29 @@ def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
                 np.testing.assert_allclose(small[key].astype(np.float32), values, rtol=1e-3, atol=3e-3, err_msg=key)
             else:
                 assert np.array_equal(small[key], values), key
+
+
+
+def test_resampled_ct_cases_keep_whole_hu(ct_source, deid_key, tmp_path):
+    """A CT case resampled to another spacing is stored as int16 HU: the float resampling of the decoded HU
+    rounded to the nearest unit (at most 0.5 HU away), not float32."""
+    base = CONFIGS["3d-volumes"]
+    spacing = (3.0, 1.7, 1.7)
+    config = base.model_copy(update={"preprocess": base.preprocess.model_copy(update={"target_spacing": spacing})})
+    _ingest(str(ct_source), str(tmp_path / "fused.zarr"), config)
+    assert verify_store(str(tmp_path / "fused.zarr")) == []
+    root = open_store(str(tmp_path / "fused.zarr"))
+    cases = sorted(get_group(root, "training/volumes").group_keys())
+    assert cases
+    for index in cases:
+        case = get_group(root, f"training/volumes/{index}")
+        attrs = attrs_of(case)
+        assert attrs["raw_intensities"] == "CT"  # resampled: spacing near the target (whole voxels over the extent)
+        np.testing.assert_allclose(attrs["geometry"]["spacing"], spacing, rtol=0.1)
+        stored = np.asarray(get_array(case, "image")[...])
+        assert stored.dtype == np.int16
+        pixels, _, unit = read_archive_image(root, attrs["unit"])  # the decoded HU, as archived
+        resampled = to_stored(pixels.astype(np.float32), case_geometry(ArchiveRecord.from_attrs(unit), spacing),
+                              "linear")
+        assert resampled.shape == stored.shape and float(np.abs(resampled).max()) > 500
+        assert float(np.abs(stored - resampled).max()) <= 0.5 + 1e-3

@@ -11,6 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medpipe.identifiers import looks_like_identifier
 
 
+def check_class_names(value: list[str] | None) -> list[str] | None:
+    """Declared class names: unique, and none that could name a person (they are stored as written)."""
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("class names must be unique")
+    if value is not None and any(looks_like_identifier(v) for v in value):
+        raise ValueError("a class name looks like a name, ID or date; class names are stored as written")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,11 +140,7 @@ class IngestConfig(_Section):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("class names must be unique")
-        if value is not None and any(looks_like_identifier(v) for v in value):
-            raise ValueError("a class name looks like a name, ID or date; class names are stored as written")
-        return value
+        return check_class_names(value)
 
 
 def load_config(path: str | Path | None, schema: type[_Section] = IngestConfig, section: str | None = None,

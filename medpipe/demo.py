@@ -263,7 +263,7 @@ def generate_demo_dataset(out_dir: str | Path, spec: DemoSpec) -> DemoSummary:
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     out = _Output(root)
-    patients = _plan_patients(spec)
+    patients = plan_patients(spec)
     rows: list[tuple[str, str, str, str]] = []
     rows_mc: list[tuple[str, str, str, str]] = []
     phi: dict[str, list[str]] = {
@@ -342,11 +342,11 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([987654321, 0])
-    pat = _Patient(
+    pat = DemoPatient(
         index=0, name="ROE^RICHARD", pid="55501234", birth_date=_dt.date(1961, 3, 14), sex="M",
         dir="ROE_RICHARD_55501234", studies=(),
     )
-    st = _Study(
+    st = DemoStudy(
         index=0, dir="study01", uid=_uid(-1, "defective", "study"), date=_dt.date(2021, 6, 2),
         time="101530", accession="ACC9990001", institution=_INSTITUTIONS[0], physician=_PHYSICIANS[0],
         description=_STUDY_DESCRIPTIONS[0], study_id="990001",
@@ -421,7 +421,7 @@ def write_defective_files(out_dir: str | Path) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class _Study:
+class DemoStudy:
     index: int
     dir: str
     uid: str
@@ -435,17 +435,17 @@ class _Study:
 
 
 @dataclass(frozen=True)
-class _Patient:
+class DemoPatient:
     index: int
     name: str
     pid: str
     birth_date: _dt.date
     sex: str
     dir: str
-    studies: tuple[_Study, ...]
+    studies: tuple[DemoStudy, ...]
 
 
-def _plan_patients(spec: DemoSpec) -> list[_Patient]:
+def plan_patients(spec: DemoSpec) -> list[DemoPatient]:
     """Draw unique names/IDs/accessions for all patients and studies of ``spec``."""
     rng = np.random.default_rng([spec.seed, _TAG_PHI])
     n = spec.patients
@@ -475,7 +475,7 @@ def _plan_patients(spec: DemoSpec) -> list[_Patient]:
             day = first_day + s * int(prng.integers(30, 400))
             secs = int(prng.integers(7 * 3600, 19 * 3600))
             studies.append(
-                _Study(
+                DemoStudy(
                     index=s,
                     dir=f"study{s + 1:02d}",
                     uid=_uid(spec.seed, "study", p, s),
@@ -489,7 +489,7 @@ def _plan_patients(spec: DemoSpec) -> list[_Patient]:
                 )
             )
         patients.append(
-            _Patient(
+            DemoPatient(
                 index=p, name=name, pid=pid, birth_date=birth, sex="M" if male else "F",
                 dir="_".join(parts) + "_" + pid, studies=tuple(studies),
             )
@@ -678,7 +678,7 @@ class _Output:
 
 
 def _write_xray(
-    out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, i: int, has_lesion: bool, common: dict[int, bytes],
+    out: _Output, spec: DemoSpec, pat: DemoPatient, st: DemoStudy, i: int, has_lesion: bool, common: dict[int, bytes],
 ) -> tuple[str, str]:
     """Render and write one X-ray; ``common`` is the encoded study-level header."""
     img, lesion = _image_2d(spec, _TAG_XRAY, pat.index, st.index, i, has_lesion)
@@ -707,7 +707,7 @@ def _xray_view(spec: DemoSpec, p: int, s: int, i: int) -> str:
 
 
 def _write_png(
-    out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, i: int, has_lesion: bool
+    out: _Output, spec: DemoSpec, pat: DemoPatient, st: DemoStudy, i: int, has_lesion: bool
 ) -> tuple[str, str]:
     img, lesion = _image_2d(spec, _TAG_PNG, pat.index, st.index, i, has_lesion)
     rel = f"png/{pat.dir}/{st.dir}/img{i + 1:03d}.png"
@@ -804,7 +804,7 @@ def _ct_affine(x0: float, y0: float, z0: float, dx: float, dy: float, dz: float)
     )
 
 
-def _write_ct_series(out: _Output, spec: DemoSpec, pat: _Patient, st: _Study, j: int) -> tuple[str, str, str]:
+def _write_ct_series(out: _Output, spec: DemoSpec, pat: DemoPatient, st: DemoStudy, j: int) -> tuple[str, str, str]:
     """Write one CT series (shuffled slice file names) and its mask; returns (dir, mask, class)."""
     k_global = (pat.index * spec.studies_per_patient + st.index) * spec.ct_series_per_study + j
     has_lesion = k_global % 5 != 1
@@ -980,7 +980,7 @@ def _new_dataset(sop_class: str, sop_uid: str, modality: str) -> Dataset:
     return ds
 
 
-def _add_patient_study(ds: Dataset, pat: _Patient, st: _Study) -> None:
+def _add_patient_study(ds: Dataset, pat: DemoPatient, st: DemoStudy) -> None:
     """Patient and study PHI shared by every file of a study."""
     ds.PatientName = pat.name
     ds.PatientID = pat.pid
@@ -1002,7 +1002,7 @@ def _add_patient_study(ds: Dataset, pat: _Patient, st: _Study) -> None:
     ds.StudyID = st.study_id
 
 
-def _times(st: _Study, series_number: int, instance_number: int) -> tuple[str, str]:
+def _times(st: DemoStudy, series_number: int, instance_number: int) -> tuple[str, str]:
     """(SeriesTime, ContentTime) a few minutes/seconds after the study time."""
     h, m, s = int(st.time[:2]), int(st.time[2:4]), int(st.time[4:])
     t0 = h * 3600 + m * 60 + s + 60 * (series_number % 100)
@@ -1048,7 +1048,7 @@ def _pixel_data_element(pixels: np.ndarray, transfer_syntax: str, bits_stored: i
     return elem
 
 
-def _xray_common(pat: _Patient, st: _Study, rows: int, cols: int) -> Dataset:
+def _xray_common(pat: DemoPatient, st: DemoStudy, rows: int, cols: int) -> Dataset:
     """DX header elements shared by all X-rays of a study (For Presentation, 12-bit MONOCHROME2)."""
     ds = _common_base(DX_PRESENTATION_SOP, "DX")
     _add_patient_study(ds, pat, st)
@@ -1072,7 +1072,7 @@ def _xray_common(pat: _Patient, st: _Study, rows: int, cols: int) -> Dataset:
 
 
 def _xray_own(
-    st: _Study, sop_uid: str, series_uid: str, series_number: int, view: str, pixels: np.ndarray,
+    st: DemoStudy, sop_uid: str, series_uid: str, series_number: int, view: str, pixels: np.ndarray,
     transfer_syntax: str,
 ) -> Dataset:
     """Per-image DX elements (each X-ray is its own series, as is common for CR/DX)."""
@@ -1090,7 +1090,7 @@ def _xray_own(
 
 
 def _xray_dataset(
-    pat: _Patient, st: _Study, sop_uid: str, series_uid: str, series_number: int, view: str,
+    pat: DemoPatient, st: DemoStudy, sop_uid: str, series_uid: str, series_number: int, view: str,
     pixels: np.ndarray, transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> Dataset:
     """Complete DX dataset (with file meta) for ``pydicom.dcmwrite``."""
@@ -1100,7 +1100,7 @@ def _xray_dataset(
 
 
 def _ct_common(
-    pat: _Patient, st: _Study, series_uid: str, for_uid: str, series_number: int, description: str,
+    pat: DemoPatient, st: DemoStudy, series_uid: str, for_uid: str, series_number: int, description: str,
     rows: int, cols: int,
 ) -> Dataset:
     """CT header elements shared by all slices of a series (int16, HU = stored - 1024)."""
@@ -1133,7 +1133,7 @@ def _ct_common(
 
 
 def _ct_own(
-    st: _Study, series_number: int, sop_uid: str, instance_number: int,
+    st: DemoStudy, series_number: int, sop_uid: str, instance_number: int,
     position: tuple[float, float, float], pixels: np.ndarray,
 ) -> Dataset:
     """Per-slice CT elements: instance UID/number, position, times, pixels."""
@@ -1149,7 +1149,7 @@ def _ct_own(
 
 
 def _ct_dataset(
-    pat: _Patient, st: _Study, series_uid: str, sop_uid: str, for_uid: str, series_number: int,
+    pat: DemoPatient, st: DemoStudy, series_uid: str, sop_uid: str, for_uid: str, series_number: int,
     description: str, instance_number: int, position: tuple[float, float, float], pixels: np.ndarray,
 ) -> Dataset:
     """Complete CT slice dataset (with file meta) for ``pydicom.dcmwrite``."""
@@ -1158,7 +1158,7 @@ def _ct_dataset(
     return _merge(common, own, CT_IMAGE_SOP, sop_uid, ExplicitVRLittleEndian)
 
 
-def _text_sr_dataset(pat: _Patient, st: _Study) -> Dataset:
+def _text_sr_dataset(pat: DemoPatient, st: DemoStudy) -> Dataset:
     """Basic Text SR with a one-item content tree (no pixel data)."""
     ds = _new_dataset(BASIC_TEXT_SR_SOP, _uid(-1, "defective", "sr"), "SR")
     _add_patient_study(ds, pat, st)
@@ -1185,7 +1185,7 @@ def _text_sr_dataset(pat: _Patient, st: _Study) -> Dataset:
     return ds
 
 
-def _extra_image_dataset(pat: _Patient, st: _Study, sop_class: str, key: str, series_number: int,
+def _extra_image_dataset(pat: DemoPatient, st: DemoStudy, sop_class: str, key: str, series_number: int,
                          description: str, image_type: str) -> Dataset:
     """Header of a one-image series of the mixed-folder extras (US, XA), with the patient's fake PHI."""
     ds = _new_dataset(sop_class, _uid(-1, "defective", key), key.upper())
@@ -1199,7 +1199,7 @@ def _extra_image_dataset(pat: _Patient, st: _Study, sop_class: str, key: str, se
     return ds
 
 
-def _us_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
+def _us_dataset(pat: DemoPatient, st: DemoStudy, rng: np.random.Generator) -> Dataset:
     """Single-frame RGB ultrasound image (uint8, SamplesPerPixel 3, interleaved)."""
     ds = _extra_image_dataset(pat, st, US_IMAGE_SOP, "us", 5, "ABDOMEN US", "ABDOMINAL")
     h, w = 96, 128
@@ -1216,7 +1216,7 @@ def _us_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
     return ds
 
 
-def _xa_multiframe_dataset(pat: _Patient, st: _Study, rng: np.random.Generator) -> Dataset:
+def _xa_multiframe_dataset(pat: DemoPatient, st: DemoStudy, rng: np.random.Generator) -> Dataset:
     """8-frame XA cine run, uint16 12-bit MONOCHROME2."""
     ds = _extra_image_dataset(pat, st, XA_IMAGE_SOP, "xa", 6, "CORONARY CINE", "SINGLE PLANE")
     ds.NumberOfFrames = 8

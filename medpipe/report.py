@@ -22,3 +22,18 @@ def ingest_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {modality} | {entry['images']} | {entry['spacing_median']} | {entry['shape_median']} | {window} |")
     lines += ["", f"content hash `{summary.get('content_hash', '')}`"]
     return "\n".join(lines)
+
+
+def signal_ingest_markdown(summary: dict[str, Any]) -> str:
+    """Markdown of a signal ingest: counts, quarantine reasons, store facts and windows per split."""
+    lines = ["# medpipe ingest-signals", "", "| count | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["counts"].items()]
+    lines += ["", "## Quarantine reasons", "", "| reason | records |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(summary.get("quarantine_reasons", {}).items())] or ["| none | 0 |"]
+    lines += ["", "## Store", "", f"{len(summary['leads'])} leads ({', '.join(summary['leads'])}), units "
+              f"{', '.join(sorted(set(summary['units'])))}, {summary['rate_hz']:g} Hz, windows of {summary['window']} "
+              f"samples every {summary['stride']}; classes: {', '.join(summary['classes']) or 'none'}",
+              "", "| split | windows |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.get("split_counts", {}).items()]
+    lines += ["", f"content hash `{summary.get('content_hash', '')}`"]
+    return "\n".join(lines)

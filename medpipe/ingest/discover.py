@@ -49,7 +49,8 @@ def _stamp(info: dict[str, Any]) -> str:
     return ""
 
 
-def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = None) -> SourceListing:
+def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = None,
+                   skip_suffixes: Sequence[str] = ()) -> SourceListing:
     """Walk SOURCE recursively; hidden files/folders, the `exclude` relative paths (the manifest) and a `store`
     inside SOURCE are skipped. On a local disk, symbolic links are followed when they point inside SOURCE (each
     real file is listed once, under its first path in sorted order) and reported in `skipped_links` otherwise."""
@@ -60,7 +61,7 @@ def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = No
         raise NotADirectoryError(f"source must be a folder or bucket prefix: {url}")
     excluded = set(exclude)
     skipped: list[dict[str, str]] = []
-    if _is_local(fs):
+    if is_local_fs(fs):
         found = _walk_local(root, skipped)
     else:
         found = [(path[len(root):].lstrip("/"), info) for path, info in fs.find(root, detail=True).items()
@@ -70,6 +71,8 @@ def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = No
     for relative, info in found:
         if not relative or relative in excluded or any(part.startswith(".") for part in relative.split("/")):
             continue
+        if skip_suffixes and relative.lower().endswith(tuple(skip_suffixes)):
+            continue
         if store_prefix is not None and (relative == store_prefix or relative.startswith(store_prefix + "/")):
             continue
         rows.append((relative, int(info.get("size") or 0), _stamp(info)))
@@ -78,7 +81,7 @@ def discover_files(url: str, exclude: Sequence[str] = (), store: str | None = No
                          skipped)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     return bool({"file", "local"} & set(protocols))
 
@@ -90,7 +93,7 @@ def _store_prefix(fs: fsspec.AbstractFileSystem, root: str, store: str | None) -
     store_fs_, store_root = source_fs(store)
     if type(store_fs_) is not type(fs):
         return None
-    if _is_local(fs):
+    if is_local_fs(fs):
         root, store_root = os.path.realpath(root), os.path.realpath(store_root)
     if store_root.startswith(root.rstrip("/") + "/"):
         return store_root[len(root.rstrip("/")) + 1:]

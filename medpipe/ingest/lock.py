@@ -29,6 +29,7 @@ import fsspec
 
 from medpipe.errors import UserError
 from medpipe.store import store_fs
+from medpipe.ingest.discover import is_local_fs
 
 LOCK_NAME = "medpipe.lock"
 DEFAULT_LEASE_S = 600.0  # extended by every writing step; a step longer than this would lose the lock
@@ -103,16 +104,13 @@ def _path(store_url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, f"{root}/{LOCK_NAME}"
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool({"file", "local"} & set(protocols))
 
 
 def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
     """Replace the lock object whole: readers never see it half-written (a concurrent `check_lock` of the same run
     would take a torn lock for a lost one). Local disks: a temporary file renamed over it (atomic on POSIX); object
     stores: one PUT, which replaces an object atomically."""
-    if _is_local(fs):
+    if is_local_fs(fs):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(payload)
@@ -167,7 +165,7 @@ def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S, 
         fs.rm(path)
     mine = _lock_for(run_id, lease_s, flow_run_id)
     payload = json.dumps(asdict(mine)).encode()
-    if _is_local(fs):
+    if is_local_fs(fs):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -179,7 +177,7 @@ def acquire_lock(store_url: str, run_id: str, lease_s: float = DEFAULT_LEASE_S, 
                 f.write(payload)
             return mine
     fs.pipe_file(path, payload)
-    time.sleep(0 if _is_local(fs) else _SETTLE_S)
+    time.sleep(0 if is_local_fs(fs) else _SETTLE_S)
     held = read_lock(store_url)
     if held is None or held.run_id != run_id:
         raise _refuse(held or mine)

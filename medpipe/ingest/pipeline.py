@@ -40,6 +40,9 @@ from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
 
 
+# Files image ingest does not look at: tables and records of physiological signals (`medpipe ingest-signals`
+# reads them), so that a source holding both (the demo's signals/ folder) is not a pile of quarantined files.
+NOT_IMAGE_SUFFIXES = (".csv", ".tsv", ".parquet", ".hea", ".dat", ".atr", ".qrs", ".edf", ".bdf")
 TASKS_PER_WORKER = 4  # ingest tasks per Dask worker: enough to balance uneven shards, few enough to stay cheap
 
 
@@ -103,10 +106,10 @@ def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: Deid
     if not fs.exists(root) or not fs.isdir(root):
         raise SourceNotFoundError(f"source folder not found: {source}")
     load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
-    _check_key(store, key)
+    check_store_key(store, key)
 
 
-def _check_key(store: str, key: DeidKey) -> dict[str, Any] | None:
+def check_store_key(store: str, key: DeidKey) -> dict[str, Any] | None:
     """The store's previous attributes (None for a new store); raises if it was made with another key."""
     try:
         previous = store_attrs(store) or None
@@ -136,14 +139,14 @@ def prepare_ingest(source: str, store: str, config: IngestConfig, key: DeidKey, 
     for sibling in ("labels.csv", "labels_multiclass.csv"):  # demo manifests beside the images are not images
         if fs.exists(f"{root}/{sibling}"):
             exclude.append(sibling)
-    listing = discover_files(source, exclude=exclude, store=store)
+    listing = discover_files(source, exclude=exclude, store=store, skip_suffixes=NOT_IMAGE_SUFFIXES)
     check_references(manifest, set(listing.paths), pseudonyms.path)
     manifest_digest = hashlib.sha256(fs.cat_file(manifest_path) if manifest_path else b"").hexdigest()
     run_fingerprint = hashlib.sha256(json.dumps(
         [listing.fingerprint(), manifest_digest, config.lineage_dict(), key.identity, DEID_RULES_VERSION,
          READER_RULES_VERSION, __version__], sort_keys=True,
     ).encode()).hexdigest()
-    previous = _check_key(store, key)
+    previous = check_store_key(store, key)
     run = IngestRun(source, store, config, listing, manifest, run_fingerprint, key.identity, run_id, previous,
                     retry_quarantined=retry_quarantined,
                     manifest_hash=pseudonyms.path(config.manifest) if config.manifest else "")

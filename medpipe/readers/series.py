@@ -31,6 +31,7 @@ from .dicom import (
     to_modality_values,
 )
 from .probe import FileProbe
+from medpipe.ingest.discover import is_local_fs
 
 
 def group_series(probes: Iterable[FileProbe]) -> dict[str, list[FileProbe]]:
@@ -45,9 +46,6 @@ def group_series(probes: Iterable[FileProbe]) -> dict[str, list[FileProbe]]:
     return {uid: sorted(items, key=lambda p: p.path) for uid, items in groups.items()}
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool({"file", "local"} & set(protocols))
 
 
 def _load_all(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> list[pydicom.Dataset]:
@@ -60,7 +58,7 @@ def _load_all(paths: Sequence[str], fs: fsspec.AbstractFileSystem) -> list[pydic
         except UnreadableFile as exc:  # say which slice, never which path (paths may hold PHI)
             raise UnreadableFile(exc.reason, f"slice {index} of {len(paths)}: {exc.detail}") from None
 
-    if len(paths) > 1 and not _is_local(fs):
+    if len(paths) > 1 and not is_local_fs(fs):
         with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
             return list(pool.map(load, enumerate(paths)))
     return [load(item) for item in enumerate(paths)]

@@ -1,0 +1,1 @@
+"""Physiological signals (ECG): readers, windows, store, models."""

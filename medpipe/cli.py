@@ -148,16 +148,29 @@ def demo_data(
     image_size: int = typer.Option(128, help="2D image size (pixels)"),
     ct_size: int = typer.Option(64, help="CT slice size (pixels)"),
     ct_slices: int = typer.Option(32, help="slices per CT series"),
+    ecg_records: int = typer.Option(4, help="ECG records per patient under OUT/signals (WFDB and EDF, rhythm "
+                                    "labels); 0 = none"),
+    ecg_seconds: float = typer.Option(30.0, help="length of each ECG record, seconds"),
 ) -> None:
-    """Write the built-in demo dataset (DICOM, PNG, CT series, NIfTI masks, labels manifests)."""
+    """Write the built-in demo dataset (DICOM, PNG, CT series, NIfTI masks, labels manifests) and demo ECG records
+    (OUT/signals: `medpipe ingest-signals OUT/signals STORE`)."""
     from medpipe.demo import DemoSpec, generate_demo_dataset
+    from medpipe.signals.demo import SignalDemoSpec, generate_demo_signals
 
     spec = DemoSpec(patients=patients, studies_per_patient=studies, xray_per_study=xray, png_per_study=png,
                     ct_series_per_study=ct, image_size=image_size, ct_size=ct_size, ct_slices=ct_slices, seed=seed)
     guarded(spec.validate, user_errors=(ValueError,))  # out-of-range options
+    signal_spec = None
+    if ecg_records:
+        signal_spec = guarded(lambda: SignalDemoSpec(patients=patients, records_per_patient=ecg_records,
+                                                     seconds=ecg_seconds, seed=seed), user_errors=(ValueError,))
     summary = generate_demo_dataset(out, spec)
     console.print(f"demo dataset: {summary.files} files, {summary.bytes / 1e6:.1f} MB, {summary.patients} patients "
                   f"-> {summary.root}\nlabels manifest: {summary.manifest}")
+    if signal_spec is not None:
+        signals = generate_demo_signals(out / "signals", signal_spec)
+        console.print(f"demo ECG records: {signals.records} records of {signals.patients} patients, "
+                      f"{signals.bytes / 1e6:.1f} MB -> {signals.root}\nrhythm labels: {signals.manifest}")
 
 
 def preflight_ingest(source: str, store: str, scheduler: Optional[str]) -> None:
@@ -223,6 +236,60 @@ def ingest(
         _warn(warning)
 
 
+@app.command("ingest-signals")
+@guarded_command
+def ingest_signals(
+    source: str = typer.Argument(..., help="folder or URL (s3://bucket/prefix) of signal records: WFDB (.hea + "
+                                 ".dat), EDF/BDF, DICOM ECG waveforms, CSV or Parquet tables"),
+    store: str = typer.Argument(..., help="Zarr store path or URL for the windows"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (docs/signals.md)"),
+    manifest: Optional[str] = typer.Option(None, help="labels CSV: path,label[,patient_id] (default: "
+                                           "SOURCE/labels.csv when present)"),
+    classes: Optional[str] = typer.Option(None, help="declared class names, comma separated"),
+    rate: Optional[float] = typer.Option(None, help="common sampling rate, Hz (default 100)"),
+    window: Optional[float] = typer.Option(None, help="window length, seconds (default 5)"),
+    overlap: Optional[float] = typer.Option(None, help="overlap of consecutive windows, seconds (default 0)"),
+    last_partial: Optional[str] = typer.Option(None, help="the last, partial window of a record: drop or pad"),
+    leads: Optional[str] = typer.Option(None, help="leads every record must have, comma separated (default: "
+                                        "the lead set most records share)"),
+    table_rate: Optional[float] = typer.Option(None, help="sampling rate of CSV/Parquet tables without a time "
+                                               "column, Hz"),
+    workers: Optional[int] = typer.Option(None, help="LocalCluster workers"),
+    scheduler: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786"),
+    key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
+                                             "(default: $MEDPIPE_DEID_KEY)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """De-identify the signal records of SOURCE, resample them and cut them into windows in STORE."""
+    from medpipe.deid import resolve_key
+    from medpipe.signals.config import SignalIngestConfig
+    from medpipe.signals.ingest import check_signal_inputs
+
+    guarded(lambda: check_config_file(config))
+    cfg = guarded(lambda: load_config(config, SignalIngestConfig, section="signals", **{
+        "manifest": manifest, "classes": classes.split(",") if classes else None, "rate_hz": rate,
+        "window_s": window, "overlap_s": overlap, "last_partial": last_partial,
+        "leads": leads.split(",") if leads else None, "table_rate_hz": table_rate, "workers": workers,
+        "scheduler": scheduler}))
+    guarded(lambda: preflight_ingest(source, store, cfg.scheduler), user_errors=PATH_ERRORS)
+    if not key_secret:
+        key = guarded(resolve_key)
+        guarded(lambda: check_signal_inputs(source, store, cfg, key), user_errors=PATH_ERRORS)
+    from flows.timeseries import run_ingest_signals
+
+    summary = guarded(lambda: run_ingest_signals(source, store, cfg, key_secret=key_secret,
+                                                 show_progress=progress))
+    if summary.get("noop"):
+        console.print("store is up to date with the source: nothing to do")
+    counts = summary["counts"]
+    console.print(f"store: {store}\ndiscovered {counts['discovered']} records = ingested {counts['ingested']} + "
+                  f"quarantined {counts['quarantined']}; {counts['windows']} windows of {counts['patients']} patients")
+    for reason, n in sorted(summary.get("quarantine_reasons", {}).items()):
+        console.print(f"  quarantined: {reason} {n}")
+    for warning in summary.get("warnings", []):
+        _warn(warning)
+
+
 def preflight_store(store: str) -> None:
     """An existing STORE to read: not a regular file, and its storage reachable."""
     check_store_path(store)
@@ -243,6 +310,9 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
                   f"{'complete' if attrs.get('complete') else '[red]INCOMPLETE (run ingest again)[/]'}")
     if not attrs.get("complete"):
         raise typer.Exit(code=1)
+    if attrs.get("kind") == "signals":
+        _signal_info(attrs)
+        return
     console.print(attrs["accounting"])
     table = Table("item", "value")
     for k, v in attrs["counts"].items():
@@ -287,6 +357,20 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
     console.print(fp)
 
 
+def _signal_info(attrs: dict[str, Any]) -> None:
+    """`medpipe info` of a signals store."""
+    table = Table("item", "value")
+    for k, v in attrs["counts"].items():
+        table.add_row(k, str(v))
+    table.add_row("leads", f"{len(attrs['leads'])}: {', '.join(attrs['leads'])}")
+    table.add_row("units", ", ".join(sorted(set(attrs["units"]))))
+    table.add_row("rate / window / stride", f"{attrs['rate_hz']:g} Hz / {attrs['window']} / {attrs['stride']} samples")
+    table.add_row("classes", ", ".join(attrs["classes"]) or "(unlabelled)")
+    table.add_row("splits (windows)", ", ".join(f"{k} {v}" for k, v in attrs.get("split_counts", {}).items()))
+    table.add_row("content hash", attrs["content_hash"])
+    console.print(table)
+
+
 @app.command()
 @guarded_command
 def quarantine(
@@ -321,10 +405,13 @@ def quarantine(
 @guarded_command
 def train(
     store: str = typer.Argument(..., help="Zarr store made by `medpipe ingest`"),
-    task: str = typer.Option("classify", "--task", help="classify or segment"),
+    task: str = typer.Option("classify", "--task", help="classify or segment (image stores); rhythm or forecast "
+                             "(signal stores)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/<store name>-<task>)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with a `train:` section (or the fields)"),
-    model: Optional[str] = typer.Option(None, help="small-cnn, resnet18, resnet34, densenet121, unet, small-unet, plan-unet (3D volumes)"),
+    model: Optional[str] = typer.Option(None, help="small-cnn, resnet18, resnet34, densenet121, unet, small-unet, "
+                                        "plan-unet (3D volumes); signals: lstm, gru, resnet1d, or several comma "
+                                        "separated (each trained, evaluated and compared)"),
     epochs: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
@@ -334,10 +421,15 @@ def train(
     overwrite: bool = typer.Option(False, help="discard checkpoints already in the run folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    """Train a classifier or a segmentation model on STORE (CUDA when present, else CPU)."""
+    """Train a classifier or a segmentation model on STORE (CUDA when present, else CPU); on a signals store
+    (`medpipe ingest-signals`) rhythm classifiers or forecasters, one per name in --model (compared when several)."""
+    from medpipe.signals.store import is_signal_store
     from medpipe.training.config import TrainConfig
 
     guarded(lambda: check_config_file(config))
+    if is_signal_store(store):
+        _train_signals(store, task, out, config, model, epochs, batch_size, lr, device, resume, overwrite, progress)
+        return
     cfg = guarded(lambda: load_config(config, TrainConfig, section="train", **{
         "task": task, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
         "compile": compile}))
@@ -356,6 +448,45 @@ def train(
     for field in ("validation", "testing"):
         if str(summary[field]).startswith("none"):
             _warn(f"{field}: {summary[field]}")
+
+
+SIGNAL_TASKS = {"rhythm": "classify", "classify": "classify", "forecast": "forecast"}
+
+
+def _train_signals(store: str, task: str, out: Optional[Path], config: Optional[Path], model: Optional[str],
+                   epochs: Optional[int], batch_size: Optional[int], lr: Optional[float], device: Optional[str],
+                   resume: bool, overwrite: bool, progress: bool) -> None:
+    """`medpipe train` on a signals store: each model trained, evaluated on test beside its baselines, compared."""
+    from medpipe.signals.store import signal_attrs
+    from medpipe.training.config import TrainConfig
+
+    if task not in SIGNAL_TASKS:
+        _fail(f"a signals store trains --task rhythm or forecast, not {task!r}")
+    names = [m.strip() for m in model.split(",") if m.strip()] if model else None
+    cfg = guarded(lambda: load_config(config, TrainConfig, section="train", **{
+        "task": SIGNAL_TASKS[task], "model": names[0] if names else None, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "device": device}))
+    guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
+    guarded(lambda: signal_attrs(store))
+    run_dir = out or Path("runs") / f"{Path(store.rstrip('/')).stem}-{task}"
+    run_dirs = [run_dir / n for n in names] if names and len(names) > 1 else [run_dir]
+    for folder in run_dirs:
+        if not resume and not overwrite and (folder / "last.pt").exists():
+            _fail(f"{folder} already holds checkpoints: pass --resume to continue that run or --overwrite to "
+                  "discard it")
+    from flows.timeseries import run_train_signals
+
+    result = guarded(lambda: run_train_signals(store, str(run_dir), cfg, models=names, resume=resume,
+                                               overwrite=overwrite, progress=progress))
+    for name, summary in result["runs"].items():
+        console.print(f"[bold]{name}[/]: {summary['best_path']}  ({summary['epochs_completed']} epochs on "
+                      f"{summary['device']}; validated on: {summary['validation']})")
+        evaluation = summary.get("evaluation")
+        if evaluation:
+            console.print(evaluation["markdown"])
+            console.print(f"report: {evaluation['report']}")
+    if "comparison" in result:
+        console.print(result["comparison"]["markdown"])
 
 
 @app.command()
@@ -438,10 +569,21 @@ def evaluate(
     n_boot: int = typer.Option(1000, help="bootstrap resamples for the 95% CIs"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
 ) -> None:
-    """Evaluate a trained model: metrics with 95% CIs, ROC/confusion/Grad-CAM figures, an HTML report."""
+    """Evaluate a trained model: metrics with 95% CIs, ROC/confusion/Grad-CAM figures, an HTML report (signal
+    models: beside the majority class, or persistence and previous-beat forecasts)."""
     from flows.evaluate import run_evaluate
+    from medpipe.signals.store import is_signal_store
 
     report_dir = out or (model if model.is_dir() else model.parent) / "report"
+    if is_signal_store(store):
+        from flows.timeseries import run_evaluate_signals
+
+        guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
+        result = guarded(lambda: run_evaluate_signals(store, str(model), str(report_dir), split=split,
+                                                      n_boot=n_boot, device=device))
+        console.print(result["markdown"])
+        console.print(f"report: {result['report']}")
+        return
     from medpipe.evaluation.evaluate import load_checked_model
 
     guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)

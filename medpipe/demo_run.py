@@ -1,4 +1,5 @@
-"""`make demo` / `medpipe demo`: demo data -> ingest flow (2D and 3D stores) -> where the results are."""
+"""`make demo` / `medpipe demo`: demo data -> ingest flows (2D and 3D image stores, a signals store) -> trained and
+evaluated models -> where the results are."""
 
 from __future__ import annotations
 
@@ -48,6 +49,38 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
                       f"  test: {numbers or trained['testing']}\n  {network_vs_baselines(evaluated['metrics'], evaluated['baselines'])}\n"
                       f"  report: {evaluated['report']}")
         made[f"report-{task}"] = evaluated["report"]
+    made.update(run_signal_demo(out, patients, console))
     console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}\n"
-                  f"open the classifier report: {made['report-classify']}")
+                  f"open the classifier report: {made['report-classify']}\n"
+                  f"open the rhythm report: {made['report-rhythm']}\n"
+                  f"open the forecast report: {made['report-forecast']}")
+    return made
+
+
+def run_signal_demo(out: Path, patients: int, console: Console) -> dict[str, str]:
+    """Demo ECG records -> ingest-signals flow -> a rhythm classifier and a forecaster, each evaluated beside its
+    baselines; returns the paths of what was made."""
+    from flows.timeseries import run_ingest_signals, run_train_signals
+    from medpipe.signals.config import SignalIngestConfig
+    from medpipe.signals.demo import SignalDemoSpec, generate_demo_signals
+    from medpipe.training.config import TrainConfig
+
+    source = out / "data" / "signals"
+    if not (source / "labels.csv").exists():
+        summary = generate_demo_signals(source, SignalDemoSpec(patients=patients))
+        console.print(f"demo ECG records: {summary.records} records -> {source}")
+    store = str(out / "store-signals.zarr")
+    result = run_ingest_signals(str(source), store, SignalIngestConfig(), show_progress=True)
+    counts = result["counts"]
+    console.print(f"[bold]store[/] {store}\n  discovered {counts['discovered']} records = ingested "
+                  f"{counts['ingested']} + quarantined {counts['quarantined']} ({counts['windows']} windows)")
+    made = {"store-signals.zarr": store}
+    for name, task in (("rhythm", Task.classify), ("forecast", Task.forecast)):
+        run_dir = out / "runs" / name
+        trained = run_train_signals(store, str(run_dir), TrainConfig(task=task), overwrite=True, progress=True)
+        for model, summary in trained["runs"].items():
+            evaluation = summary["evaluation"]
+            console.print(f"[bold]{name}[/] ({model}) model {summary['best_path']}\n{evaluation['markdown']}\n"
+                          f"  report: {evaluation['report']}")
+            made[f"report-{name}"] = evaluation["report"]
     return made

@@ -6,7 +6,9 @@ from enum import StrEnum
 
 
 class Task(StrEnum):
-    """What a model learns from a store: class labels (`classify`) or voxel masks (`segment`)."""
+    """What a model learns from a store: class labels (`classify`), voxel masks (`segment`) or the next samples of
+    a signal window (`forecast`, signals stores only)."""
 
     classify = "classify"
     segment = "segment"
+    forecast = "forecast"

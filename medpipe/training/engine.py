@@ -40,7 +40,7 @@ from medpipe.task import Task
 from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, MissingLabelsError,
                               StoreNotCompleteError, TrainingError, as_task)
 from medpipe.training.checkpoints import load_checkpoint, save_checkpoint
-from medpipe.training.config import PLAN_MODEL, RUNTIME_FIELDS, TrainConfig
+from medpipe.training.config import PLAN_MODEL, RUNTIME_FIELDS, SIGNALS, TrainConfig
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, default_augmentation,
                                    open_group, patient_subset, seed_worker, split_indices,
                                    worker_context)
@@ -145,6 +145,10 @@ def check_training_inputs(store_url: str, config: TrainConfig, out_dir: str | Pa
         from medpipe.training.patch_training import check_volume_inputs
 
         check_volume_inputs(store_url, config, storage_options)
+    elif layout == SIGNALS:
+        from medpipe.signals.train import check_signal_training
+
+        check_signal_training(store_url, config)
     else:
         _check_model(config, layout)
         _store_facts(store_url, config, storage_options)
@@ -181,8 +185,9 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def _memory_format(ndim: int) -> torch.memory_format:
-    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+def _memory_format(ndim: int) -> torch.memory_format | None:
+    """channels-last format of a batch of `ndim` dims (4: 2D images, 5: 3D); None for others (1D signals)."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
 
 
 # -- rng state (plain types so checkpoints load with weights_only=True) ----------------------------------------------
@@ -243,6 +248,8 @@ def _to_device(batch: dict[str, Any], task: Task, device: torch.device, fmt: tor
     x = batch["image"].to(device, non_blocking=True)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
+    if task is Task.forecast:  # a float target: the next samples of the signal window
+        return x, batch["target"].to(device, non_blocking=True).float()
     y = batch["label"] if task is Task.classify else batch["mask"]
     return x, y.to(device, non_blocking=True).long()
 
@@ -292,10 +299,14 @@ def _infer(model: nn.Module, loader: DataLoader, task: Task, device: torch.devic
             counts.append(x.shape[0])
         if task is Task.classify:
             probs.append(torch.softmax(out, dim=1).cpu().numpy())
+        elif task is Task.forecast:
+            preds.append(out.cpu().numpy())
+            trues.append(y.cpu().numpy())
         else:
             preds.append(out.argmax(dim=1, keepdim=True).to(torch.uint8).cpu().numpy())
             trues.append(y.to(torch.uint8).cpu().numpy())
-        labels.append(batch["label"].numpy())
+        if "label" in batch:
+            labels.append(batch["label"].numpy())
         indices.append(np.asarray(batch["index"]))
     result: dict[str, Any] = {
         "task": task,
@@ -305,6 +316,9 @@ def _infer(model: nn.Module, loader: DataLoader, task: Task, device: torch.devic
     if task is Task.classify:
         result["y_prob"] = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
         result["y_pred"] = result["y_prob"].argmax(axis=1) if probs else np.zeros(0, np.int64)
+    elif task is Task.forecast:  # y_true / y_pred (N, L, H): the target samples and their forecast
+        result["y_true"] = np.concatenate(trues) if trues else np.zeros((0, 0, 0), np.float32)
+        result["y_pred"] = np.concatenate(preds) if preds else np.zeros((0, 0, 0), np.float32)
     else:
         result["masks_pred"] = np.concatenate(preds) if preds else np.zeros((0,), np.uint8)
         result["masks_true"] = np.concatenate(trues) if trues else np.zeros((0,), np.uint8)
@@ -379,8 +393,10 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
 
 # -- training --------------------------------------------------------------------------------------------------------
 def store_layout_of(store_url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """"volumes" or "fixed": the training layout of a store (StoreNotCompleteError when there is no store)."""
-    return store_layout(attrs_of(open_group(store_url, storage_options)))
+    """"volumes", "fixed" or "signals" (a signals store, medpipe.signals.store): the training layout of a store
+    (StoreNotCompleteError when there is no store)."""
+    attrs = attrs_of(open_group(store_url, storage_options))
+    return SIGNALS if attrs.get("kind") == SIGNALS else store_layout(attrs)
 
 
 def _check_model(config: TrainConfig, layout: str) -> str:
@@ -624,7 +640,8 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
     resume=True continues from out_dir/last.pt (same store and config); overwrite=True discards existing
     checkpoints. `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint is written.
     A store of the "volumes" layout (whole 3D cases) trains a plan U-Net on random patches instead
-    (`medpipe.training.patch_training.train_volumes`)."""
+    (`medpipe.training.patch_training.train_volumes`); a signals store trains a signal model
+    (`medpipe.signals.train.train_signals`)."""
     config = config or TrainConfig()
     started = time.perf_counter()
     layout = store_layout_of(store_url, storage_options)
@@ -633,6 +650,11 @@ def train(store_url: str, out_dir: str | Path, config: TrainConfig | None = None
 
         return train_volumes(store_url, out_dir, config, resume, progress, overwrite=overwrite,
                              storage_options=storage_options, on_epoch_end=on_epoch_end)
+    if layout == SIGNALS:  # windows of physiological signals: medpipe.signals.train (local stores)
+        from medpipe.signals.train import train_signals
+
+        return train_signals(store_url, out_dir, config, resume, progress, overwrite=overwrite,
+                             on_epoch_end=on_epoch_end)
     out = Path(out_dir)
     model_name = _check_model(config, layout)
     facts = _store_facts(store_url, config, storage_options)

@@ -18,9 +18,12 @@ def monitor_key(monitor: str) -> str:
     return monitor if monitor.startswith("val_") else f"val_{monitor}"
 
 
+LOWER_IS_BETTER = ("loss", "mae", "rmse")  # monitor name endings of errors (minimised)
+
+
 def lower_is_better(monitor: str) -> bool:
-    """True for loss monitors (minimised), False for quality metrics (maximised)."""
-    return monitor_key(monitor).endswith("loss")
+    """True for loss and error monitors (loss, mae, rmse: minimised), False for quality metrics (maximised)."""
+    return monitor_key(monitor).endswith(LOWER_IS_BETTER)
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:

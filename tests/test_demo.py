@@ -85,7 +85,7 @@ def test_xray_dicoms_decode_losslessly(dataset):
 
 
 def test_fast_writer_matches_pydicom():
-    pat = demo._plan_patients(SPEC)[0]
+    pat = demo.plan_patients(SPEC)[0]
     st = pat.studies[0]
     px = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
     common = demo._encode_elements(demo._xray_common(pat, st, 64, 64))

@@ -59,7 +59,7 @@ def train_signals_flow(store: str, out_dir: str, config: dict[str, Any] | None =
     """Train one model per name in MODELS (default: the config's model) on STORE's train split (validated on
     val), each in OUT_DIR/<model>; evaluate each on test beside its baselines; compare them when several."""
     cfg = TrainConfig.model_validate(config or {})
-    names = models or [cfg.model]
+    names = models or [cfg.model_name("signals")]
     runs: dict[str, Any] = {}
     eval_dirs: list[str] = []
     for name in names:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medpipe.config import IngestConfig, load_config
+from medpipe.signals.demo import ECG_DEMO_PATIENTS
 from medpipe.errors import InfrastructureError, StepFailed, UserError, write_traceback
 from medpipe.preflight import (
     check_config_file,
@@ -148,8 +149,9 @@ def demo_data(
     image_size: int = typer.Option(128, help="2D image size (pixels)"),
     ct_size: int = typer.Option(64, help="CT slice size (pixels)"),
     ct_slices: int = typer.Option(32, help="slices per CT series"),
-    ecg_records: int = typer.Option(4, help="ECG records per patient under OUT/signals (WFDB and EDF, rhythm "
-                                    "labels); 0 = none"),
+    ecg_patients: int = typer.Option(ECG_DEMO_PATIENTS, help="patients of the demo ECG records under OUT/signals "
+                                     "(WFDB and EDF, rhythm labels; enough for a test split of several patients)"),
+    ecg_records: int = typer.Option(4, help="ECG records per patient; 0 = no ECG records"),
     ecg_seconds: float = typer.Option(30.0, help="length of each ECG record, seconds"),
 ) -> None:
     """Write the built-in demo dataset (DICOM, PNG, CT series, NIfTI masks, labels manifests) and demo ECG records
@@ -162,7 +164,7 @@ def demo_data(
     guarded(spec.validate, user_errors=(ValueError,))  # out-of-range options
     signal_spec = None
     if ecg_records:
-        signal_spec = guarded(lambda: SignalDemoSpec(patients=patients, records_per_patient=ecg_records,
+        signal_spec = guarded(lambda: SignalDemoSpec(patients=ecg_patients, records_per_patient=ecg_records,
                                                      seconds=ecg_seconds, seed=seed), user_errors=(ValueError,))
     summary = generate_demo_dataset(out, spec)
     console.print(f"demo dataset: {summary.files} files, {summary.bytes / 1e6:.1f} MB, {summary.patients} patients "

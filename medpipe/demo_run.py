@@ -49,7 +49,7 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
                       f"  test: {numbers or trained['testing']}\n  {network_vs_baselines(evaluated['metrics'], evaluated['baselines'])}\n"
                       f"  report: {evaluated['report']}")
         made[f"report-{task}"] = evaluated["report"]
-    made.update(run_signal_demo(out, patients, console))
+    made.update(run_signal_demo(out, console))
     console.print(f"\ninspect: medpipe info {made['store-2d.zarr']}\n"
                   f"open the classifier report: {made['report-classify']}\n"
                   f"open the rhythm report: {made['report-rhythm']}\n"
@@ -57,17 +57,17 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
     return made
 
 
-def run_signal_demo(out: Path, patients: int, console: Console) -> dict[str, str]:
+def run_signal_demo(out: Path, console: Console) -> dict[str, str]:
     """Demo ECG records -> ingest-signals flow -> a rhythm classifier and a forecaster, each evaluated beside its
     baselines; returns the paths of what was made."""
     from flows.timeseries import run_ingest_signals, run_train_signals
     from medpipe.signals.config import SignalIngestConfig
-    from medpipe.signals.demo import SignalDemoSpec, generate_demo_signals
+    from medpipe.signals.demo import ECG_DEMO_PATIENTS, SignalDemoSpec, generate_demo_signals
     from medpipe.training.config import TrainConfig
 
     source = out / "data" / "signals"
     if not (source / "labels.csv").exists():
-        summary = generate_demo_signals(source, SignalDemoSpec(patients=patients))
+        summary = generate_demo_signals(source, SignalDemoSpec(patients=ECG_DEMO_PATIENTS))
         console.print(f"demo ECG records: {summary.records} records -> {source}")
     store = str(out / "store-signals.zarr")
     result = run_ingest_signals(str(source), store, SignalIngestConfig(), show_progress=True)

@@ -244,3 +244,15 @@ def test_evaluate_signal_checkpoint_from_a_trained_run(tmp_path):
     assert (tmp_path / "eval" / "report.html").is_file()
     with pytest.raises(CheckpointMismatchError, match="different store"):
         evaluate_signal_checkpoint(other, tmp_path / "run", tmp_path / "eval2", n_boot=50, device="cpu")
+
+
+def test_one_patient_gives_no_interval():
+    """Resampling a single patient cannot show any spread: the interval is undefined, never a zero-width one."""
+    from medpipe.signals.evaluate import PatientResampling
+
+    one = PatientResampling.of(np.array(["P-a"] * 6), n_boot=50)
+    low, high = one.interval(lambda m: (m * np.arange(6)).sum(axis=1) / m.sum(axis=1))
+    assert np.isnan(low) and np.isnan(high)
+    two = PatientResampling.of(np.array(["P-a"] * 3 + ["P-b"] * 3), n_boot=200)
+    low, high = two.interval(lambda m: (m * np.arange(6)).sum(axis=1) / m.sum(axis=1))
+    assert low < high

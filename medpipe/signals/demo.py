@@ -92,6 +92,10 @@ _MARGIN_S = 1.5  # beats are laid from this long before the start to after the e
 _TAG_MORPH, _TAG_RECORD, _TAG_NOISE, _TAG_LABELS = 11, 12, 13, 14
 
 
+# patients of `medpipe demo-data` / `make demo` ECG records: a test split of ~6 patients (fraction 0.15), so that
+# the evaluation's patient-bootstrap intervals mean something
+ECG_DEMO_PATIENTS = 40
+
 @dataclass(frozen=True)
 class SignalDemoSpec:
     """Size and seed of the demo ECG set (defaults: 12 patients x 4 records of 30 s, 12 leads at 500 Hz)."""

@@ -40,6 +40,9 @@ def _names(values: np.ndarray) -> np.ndarray:
     return np.array([str(v) for v in np.asarray(values).ravel()], dtype=object)
 
 
+MIN_PATIENTS_FOR_CI = 2  # a bootstrap over fewer patients has no spread to show
+
+
 @dataclass(frozen=True)
 class PatientResampling:
     """Cluster bootstrap over patients: ``groups`` (N,) is the patient index 0..n_patients-1 of each window."""
@@ -65,8 +68,9 @@ class PatientResampling:
         return counts[:, self.groups]
 
     def interval(self, stat: Stat) -> tuple[float, float]:
-        """Percentile interval of ``stat`` over patient resamples (medpipe.evaluation.bootstrap.bootstrap_ci)."""
-        if self.n_patients == 0:
+        """Percentile interval of ``stat`` over patient resamples (medpipe.evaluation.bootstrap.bootstrap_ci); NaN
+        with fewer than MIN_PATIENTS_FOR_CI patients (resampling one patient says nothing about the spread)."""
+        if self.n_patients < MIN_PATIENTS_FOR_CI:
             return math.nan, math.nan
         return bootstrap_ci(lambda draws: stat(self.multiplicities(draws)), np.arange(self.n_patients),
                             n_boot=self.n_boot, seed=self.seed, alpha=self.alpha, batched=True)

@@ -186,6 +186,14 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def html_page(title: str, intro_html: str, body_html: str) -> str:
+    """A self-contained report page (inline CSS, no external resources): the title, an intro (HTML) and the body."""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1>{intro_html}" + body_html + "</body></html>\n")
+
+
 def _img(path: str | None, alt: str) -> str:
     if not path:
         return '<p class="muted">Figure not available.</p>'
@@ -488,11 +496,8 @@ def write_report(
     sections += ["<h2>Caveats</h2>", "<ul class='caveats'>" +
                  "".join(f"<li>{_e(c)}</li>" for c in _caveats(metrics, data_info)) + "</ul>"]
 
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-           f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-           f"<h1>{_e(title)}</h1><p class='muted'>{_e(task)} model evaluation, generated {_e(generated)}</p>"
-           f"<div class='headline'>{head_html}{ci_line}</div>" + "\n".join(sections) + "</body></html>\n")
+    doc = html_page(title, f"<p class='muted'>{_e(task)} model evaluation, generated {_e(generated)}</p>"
+                           f"<div class='headline'>{head_html}{ci_line}</div>", "\n".join(sections))
     path = out / "report.html"
     path.write_text(doc, encoding="utf-8")
     return path

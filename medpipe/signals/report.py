@@ -17,8 +17,8 @@ import numpy as np
 
 from medpipe.errors import UserError
 from medpipe.evaluation.plots import _save, _t, plt
-from medpipe.evaluation.report import (_CSS, _confusion_table, _e, _img, _kv_table, _md_cell, _num,
-                                       _per_class_table, _with_ci, to_jsonable)
+from medpipe.evaluation.report import (_confusion_table, _e, _img, _kv_table, _md_cell, _num,
+                                       _per_class_table, _with_ci, html_page, to_jsonable)
 
 __all__ = ["compare_signal_runs", "markdown_signal_summary", "plot_forecast_errors", "plot_forecast_windows",
            "plot_rhythm_windows", "signal_baseline_table", "write_signal_report"]
@@ -262,10 +262,7 @@ def write_signal_report(out_dir: str | Path, *, metrics: Mapping[str, Any], plot
                  "<h3>Model</h3>", _kv_table(dict(model_info)),
                  "<h2>Caveats</h2>", "<ul class='caveats'>" + "".join(f"<li>{_e(c)}</li>" for c in _caveats(metrics))
                  + "</ul>"]
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
-           f"<p class='muted'>generated {_e(generated)}</p>" + "\n".join(sections) + "</body></html>\n")
+    doc = html_page(title, f"<p class='muted'>generated {_e(generated)}</p>", "\n".join(sections))
     path = out / "report.html"
     path.write_text(doc, encoding="utf-8")
     return path
@@ -340,8 +337,6 @@ def compare_signal_runs(eval_dirs: Sequence[str | Path], out_dir: str | Path) ->
     md.write_text("\n".join(["# Signal model comparison", "", *_md_table(list(_COMPARE_COLUMNS), cells), "",
                              note]) + "\n")
     html_path = out / "comparison.html"
-    html_path.write_text(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Signal model comparison"
-                         f"</title><style>{_CSS}</style></head><body><h1>Signal model comparison</h1>"
-                         f"{_html_table(list(_COMPARE_COLUMNS), cells)}<p class='muted'>{_e(note)}</p></body></html>\n",
-                         encoding="utf-8")
+    html_path.write_text(html_page("Signal model comparison", "", f"{_html_table(list(_COMPARE_COLUMNS), cells)}"
+                                   f"<p class='muted'>{_e(note)}</p>"), encoding="utf-8")
     return {"rows": to_jsonable(rows), "markdown": str(md), "html": str(html_path)}

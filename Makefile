@@ -44,11 +44,12 @@ deploy: work-pools
 serve: $(STAMP)
 	$(PY) deployments/serve.py
 
-# Issue 11's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md).
+# Issues 11 and 12's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md).
 # REAL_CT=DIR: folder of real CT series for store_vs_source_ct (e.g. dcm_qa_ct/In), else the generated CT.
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py --json $(if $(REAL_CT),--real-ct $(REAL_CT))
 	$(PY) benchmarks/loader.py --json
+	$(PY) benchmarks/signals.py --json
 
 clean:
 	rm -rf $(DEMO) .prefect

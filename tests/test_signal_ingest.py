@@ -220,3 +220,26 @@ def test_sharding_does_not_change_the_store(ingested, tmp_path):
     assert other["content_hash"] == summary["content_hash"]
     assert json.dumps(read_json(str(tmp_path / "one-shard.zarr"), "reports/quarantine.json")) == \
         json.dumps(read_json(str(store), "reports/quarantine.json"))
+
+
+def test_a_record_that_breaks_processing_is_quarantined(signal_source, deid_key, tmp_path, monkeypatch):
+    """An unexpected error while processing one record quarantines that record (its type only: the message could
+    quote a header) and the run goes on."""
+    from medpipe.signals import ingest as signal_ingest
+
+    monkeypatch.setenv("MEDPIPE_LOG_DIR", str(tmp_path / "errors"))
+    real = signal_ingest.deidentify_record
+
+    def breaks_on_the_dicom(record, pseudonyms, patient_id):
+        if record.format == "dicom-waveform":
+            raise RuntimeError("secret header value 642341")
+        return real(record, pseudonyms, patient_id)
+
+    monkeypatch.setattr(signal_ingest, "deidentify_record", breaks_on_the_dicom)
+    root = signal_source[0]
+    summary = _ingest(root, tmp_path / "s.zarr", SignalIngestConfig(rate_hz=RATE, window_s=4.0, leads=["I", "II", "III"]))
+    quarantine = read_json(str(tmp_path / "s.zarr"), "reports/quarantine.json")
+    broken = [q for q in quarantine if q["source_hash"] == Pseudonymizer(resolve_key()).path("PT-DICOM-77/ecg.dcm")]
+    assert [q["reason"] for q in broken] == ["processing_error"]
+    assert "RuntimeError" in broken[0]["detail"] and "642341" not in json.dumps(quarantine)
+    assert summary["counts"]["ingested"] > 0 and list((tmp_path / "errors").iterdir())

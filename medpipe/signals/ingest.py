@@ -26,6 +26,7 @@ import numpy as np
 
 from medpipe import __version__
 from medpipe.deid import DeidAudit, DeidKey, Pseudonymizer, key_check_record
+from medpipe.errors import write_traceback
 from medpipe.ingest.discover import discover_files, is_local_fs, make_shards, source_fs
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.pipeline import TASKS_PER_WORKER, Driver, Mapper, check_store_key
@@ -35,8 +36,8 @@ from medpipe.signals.config import SignalIngestConfig
 from medpipe.signals.leads import canonical_lead
 from medpipe.signals.quality import fill_short_gaps, signal_problem
 from medpipe.signals.readers import is_signal_file, read_signal
-from medpipe.signals.records import SignalReadError
-from medpipe.signals.signal_deid import deidentify_record
+from medpipe.signals.records import SignalReadError, SignalRecord
+from medpipe.signals.signal_deid import DeidentifiedSignal, deidentify_record
 from medpipe.signals.store import (SIGNALS, SIGNALS_KIND, SignalStoreError, create_signal_array, finish_signal_store,
                                    window_digests, windows_per_shard, write_window_table)
 from medpipe.signals.windows import cut_windows, resample_signals, to_millivolts, window_starts
@@ -208,6 +209,27 @@ def patient_identifier(record_patient: str | None, manifest_patient: str | None,
     return relative
 
 
+def windows_of(raw: SignalRecord, pseudonyms: Pseudonymizer, patient_id: str, config: SignalIngestConfig
+               ) -> tuple[np.ndarray, np.ndarray, DeidentifiedSignal, tuple[str, ...]] | tuple[str, str]:
+    """A record's windows (W, leads, T) at the store's rate in mV, their starts, its de-identified form and units;
+    or (reason, detail) when it is to be quarantined (quality checks, a rate no resampler takes, no whole window).
+    Pure: no I/O."""
+    problem = signal_problem(raw.signals, raw.fs, min_seconds=config.min_record_seconds,
+                             max_nan_seconds=config.max_nan_seconds, flat_seconds=config.flat_seconds)
+    if problem is not None:
+        return problem
+    deid = deidentify_record(raw, pseudonyms, patient_id)
+    try:
+        signals, units = to_millivolts(fill_short_gaps(deid.signals), deid.units)
+        signals = resample_signals(signals, deid.fs, config.rate_hz)
+    except ValueError as exc:  # a rate no resampler takes (the message names rates only)
+        return "unusable_signal", str(exc)
+    starts = window_starts(signals.shape[1], config.window_samples, config.stride_samples, config.last_partial)
+    if len(starts) == 0:
+        return "too_short", f"no whole {config.window_s:g} s window"
+    return cut_windows(signals, starts, config.window_samples), starts, deid, tuple(units)
+
+
 def read_record_shard(run: SignalRun, key: DeidKey, shard_index: int, paths: Sequence[str]) -> ShardOutcome:
     """Read, check, de-identify, convert to mV, resample and window every record of a shard; each record's
     windows go to a staging array in the store. Bad records are quarantined, never raised."""
@@ -224,36 +246,29 @@ def read_record_shard(run: SignalRun, key: DeidKey, shard_index: int, paths: Seq
         except SignalReadError as exc:
             outcome.quarantined.append({"source_hash": path_hash, "reason": exc.reason, "detail": exc.detail})
             continue
-        problem = signal_problem(raw.signals, raw.fs, min_seconds=config.min_record_seconds,
-                                 max_nan_seconds=config.max_nan_seconds, flat_seconds=config.flat_seconds)
-        if problem is not None:
-            outcome.quarantined.append({"source_hash": path_hash, "reason": problem[0], "detail": problem[1]})
-            continue
         row = run.manifest.rows.get(relative)
         patient_id = patient_identifier(raw.patient_id, row.patient_id if row else None, relative,
                                         config.patient_folder_depth)
-        deid = deidentify_record(raw, pseudonyms, patient_id)
-        outcome.audit.merge(deid.audit)
         try:
-            signals, units = to_millivolts(fill_short_gaps(deid.signals), deid.units)
-            signals = resample_signals(signals, deid.fs, config.rate_hz)
-        except ValueError as exc:  # a rate no resampler takes (the message names rates only)
-            outcome.quarantined.append({"source_hash": path_hash, "reason": "unusable_signal", "detail": str(exc)})
+            made = windows_of(raw, pseudonyms, patient_id, config)
+        except Exception as exc:  # noqa: BLE001 - a record medpipe cannot process is quarantined, not the run
+            # only the exception's type leaves the worker (its message could quote a header value); the traceback
+            # goes to a local file readable by the user only
+            write_traceback(exc)
+            made = ("processing_error", f"{type(exc).__name__} while processing the record (traceback in the "
+                                        "worker's medpipe error folder)")
+        if isinstance(made[0], str):
+            outcome.quarantined.append({"source_hash": path_hash, "reason": made[0], "detail": str(made[1])})
             continue
-        starts = window_starts(signals.shape[1], config.window_samples, config.stride_samples, config.last_partial)
-        if len(starts) == 0:
-            outcome.quarantined.append({"source_hash": path_hash, "reason": "too_short",
-                                        "detail": f"no whole {config.window_s:g} s window"})
-            continue
-        windows = cut_windows(signals, starts, config.window_samples)
+        windows, starts, deid, units = made
+        outcome.audit.merge(deid.audit)
         staging = f"{STAGING}/{shard_index}/{i}"
         root.create_array(staging, shape=windows.shape, dtype="float32", chunks=windows.shape, overwrite=True)[...] = \
             windows
         label = run.manifest.class_index(row.label if row else None)
         outcome.records.append(RecordWindows(
             record=path_hash, patient=deid.patient, label=label, leads=tuple(canonical_lead(n) for n in deid.leads),
-            units=tuple(units),
-            starts=tuple(int(s) for s in starts), staging=staging, format=deid.format,
+            units=tuple(units), starts=tuple(int(s) for s in starts), staging=staging, format=deid.format,
             seconds=raw.signals.shape[1] / raw.fs))
     return outcome
 

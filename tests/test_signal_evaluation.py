@@ -215,6 +215,7 @@ def test_reports_hold_the_numbers_and_comparison_lists_every_run(tmp_path):
     assert [r["run"] for r in result["rows"]] == ["perfect", "persistence", "rhythm"]
     assert [r["beats_baselines"] for r in result["rows"]] == [True, False, True]
     md = (tmp_path / "compare" / "comparison.md").read_text()
+    assert result["markdown"] == md
     assert all(name in md for name in ("perfect", "persistence", "rhythm", "lstm", "1,234", "2.5"))
     assert (tmp_path / "compare" / "comparison.html").read_text().count("<tr>") == 4  # header + 3 runs
     with pytest.raises(UserError, match="no metrics.json"):

@@ -74,7 +74,7 @@ def test_forecast_two_models_are_compared(signal_store):
         metrics = json.loads((run / name / "evaluation" / "metrics.json").read_text())
         assert metrics["task"] == "forecast"
     comparison = (run / "comparison.md").read_text()
-    assert "gru" in comparison and "resnet1d" in comparison
+    assert "gru" in comparison and "resnet1d" in comparison and "| gru |" in result.output.replace("  ", " ")
     assert (run / "comparison.html").exists()
 
 

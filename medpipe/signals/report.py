@@ -322,11 +322,11 @@ def _row_cells(row: Mapping[str, Any]) -> list[str]:
 def compare_signal_runs(eval_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Write comparison.md and comparison.html in ``out_dir``: one row per evaluated run (a folder holding the
     metrics.json of :func:`write_signal_report`) with its model, parameters, main metric (rhythm: accuracy; forecast:
-    MAE) with 95% CI, the best baseline, the paired difference and training seconds. Returns {"rows", "markdown",
-    "html"}; a missing or foreign metrics.json is a one-line UserError."""
+    MAE) with 95% CI, the best baseline, the paired difference and training seconds. Returns {"rows", "markdown" (the
+    table's text), "markdown_path", "html"}; a missing or foreign metrics.json is a one-line UserError."""
     if not eval_dirs:
         raise UserError("compare needs at least one evaluated run folder")
-    rows = [_comparison_row(Path(d).name or str(d), _read_evaluation(d)) for d in eval_dirs]
+    rows = [_comparison_row(_run_name(Path(d)), _read_evaluation(d)) for d in eval_dirs]
     cells = [_row_cells(r) for r in rows]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,9 +334,15 @@ def compare_signal_runs(eval_dirs: Sequence[str | Path], out_dir: str | Path) ->
             "of persistence and previous beat); 95% CIs resample test patients. Runs are comparable only on the same "
             "store and split.")
     md = out / "comparison.md"
-    md.write_text("\n".join(["# Signal model comparison", "", *_md_table(list(_COMPARE_COLUMNS), cells), "",
-                             note]) + "\n")
+    text = "\n".join(["# Signal model comparison", "", *_md_table(list(_COMPARE_COLUMNS), cells), "", note]) + "\n"
+    md.write_text(text)
     html_path = out / "comparison.html"
     html_path.write_text(html_page("Signal model comparison", "", f"{_html_table(list(_COMPARE_COLUMNS), cells)}"
                                    f"<p class='muted'>{_e(note)}</p>"), encoding="utf-8")
-    return {"rows": to_jsonable(rows), "markdown": str(md), "html": str(html_path)}
+    return {"rows": to_jsonable(rows), "markdown": text, "markdown_path": str(md), "html": str(html_path)}
+
+
+def _run_name(eval_dir: Path) -> str:
+    """A run's name in the comparison: its folder (the run folder when given its `evaluation/` subfolder)."""
+    folder = eval_dir.parent if eval_dir.name == "evaluation" else eval_dir
+    return folder.name or str(eval_dir)

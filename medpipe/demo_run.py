@@ -15,6 +15,12 @@ from medpipe.task import Task
 DEMO_CLASSES = ["none", "lesion"]  # declared so that "lesion" is the positive class (index 1)
 
 
+def use_demo_key() -> None:
+    """The demo runs with a documented, public key (unless one is set). Real data needs your own secret in
+    $MEDPIPE_DEID_KEY."""
+    os.environ.setdefault(KEY_ENV_VAR, DEMO_KEY)
+
+
 def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> dict[str, str]:
     """Generate (once) the demo dataset and ingest it; returns the paths of what was made."""
     from flows.ingest import run_ingest
@@ -26,8 +32,7 @@ def run_demo(out: Path, patients: int = 12, console: Console | None = None) -> d
     if not (source / "labels.csv").exists():
         summary = generate_demo_dataset(source, DemoSpec(patients=patients))
         console.print(f"demo dataset: {summary.files} files -> {source}")
-    # The demo runs with a documented, public key. Real data needs your own secret in $MEDPIPE_DEID_KEY.
-    os.environ.setdefault(KEY_ENV_VAR, DEMO_KEY)
+    use_demo_key()
     made = {"data": str(source)}
     for name, pre in (("store-2d.zarr", PreprocessConfig(kind="2d", shape=(64, 64))),
                       ("store-3d.zarr", PreprocessConfig(kind="3d", shape=(32, 64, 64)))):
@@ -65,6 +70,7 @@ def run_signal_demo(out: Path, console: Console) -> dict[str, str]:
     from medpipe.signals.demo import ECG_DEMO_PATIENTS, SignalDemoSpec, generate_demo_signals
     from medpipe.training.config import TrainConfig
 
+    use_demo_key()
     source = out / "data" / "signals"
     if not (source / "labels.csv").exists():
         summary = generate_demo_signals(source, SignalDemoSpec(patients=ECG_DEMO_PATIENTS))

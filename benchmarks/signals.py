@@ -5,12 +5,13 @@ measured in the same run.
                               records vs a bare loop over the same files: read with wfdb / pyedflib directly,
                               resample with scipy, cut windows into one numpy array in memory (no de-identification,
                               checks, store or splits); windows/s over windows/s
-  loader_vs_in_memory         the training loader (SignalWindowDataset + DataLoader, 0 workers, shuffled batches of
-                              the train split, the store read uncached) vs indexing an in-memory tensor of the same
-                              windows with the same batches (`tensor[idx]`); windows/s over windows/s
-  loader_cached_vs_in_memory  the same with the split held in memory (the default when it fits)
+  loader_vs_in_memory         the training loader (SignalWindowDataset + DataLoader, 0 workers, the training
+                              sampler's batches of the train split: whole shards shuffled in windows of 8, the store
+                              read uncached) vs indexing an in-memory tensor of the same windows with the same
+                              batches (`tensor[idx]`); windows/s over windows/s
+  loader_cached_vs_in_memory  the same with the split held in memory (the default when it fits; a full shuffle)
 
-Usage: python benchmarks/signals.py [--patients 24] [--records 4] [--seconds 30] [--repeats 3] [--out DIR] [--json]
+Usage: python benchmarks/signals.py [--patients 100] [--records 4] [--seconds 30] [--repeats 3] [--out DIR] [--json]
 With --json the last stdout line is one JSON object of the ratios and the rates behind them.
 """
 
@@ -86,23 +87,31 @@ def ingest(source: Path, store: Path, config: SignalIngestConfig) -> dict[str, A
         release_lock(str(store), run_id)
 
 
-def loader_rate(store: Path, cache: bool, epochs: int) -> tuple[float, float, int]:
-    """(loader windows/s, in-memory windows/s, windows) over the train split, the same shuffled batches."""
+def loader_rate(store: Path, cache: bool, repeats: int) -> tuple[float, float, int]:
+    """(loader windows/s, in-memory windows/s, windows) of one epoch over the train split: the training sampler's
+    batches, a fresh dataset per timed epoch (no shard left over from an earlier run), best of `repeats`."""
     import torch
     from torch.utils.data import DataLoader
 
     from medpipe.signals.data import SignalWindowDataset, pass_batch
     from medpipe.task import Task
+    from medpipe.training.data import BlockShuffleSampler
 
-    dataset = SignalWindowDataset(str(store), "train", Task.classify, cache=cache)
-    n = len(dataset)
-    rng = np.random.default_rng(0)
-    batches = [rng.permutation(n)[i : i + BATCH].tolist() for _ in range(epochs) for i in range(0, n, BATCH)]
-    memory = torch.from_numpy(dataset.read(np.arange(n)))
-    labels = torch.from_numpy(dataset.labels_all[dataset.indices])
+    def dataset() -> SignalWindowDataset:
+        return SignalWindowDataset(str(store), "train", Task.classify, cache=cache)
+
+    first = dataset()
+    n = len(first)
+    # the training loader's batches (medpipe.signals.train): a full shuffle of a cached split, whole shards
+    # shuffled in windows of 8 otherwise
+    sampler = BlockShuffleSampler(first, BATCH, seed=0, window=8, shuffle=True, drop_last=False)  # type: ignore[arg-type]
+    batches = list(sampler)
+    memory = torch.from_numpy(first.read(np.arange(n)))
+    labels = torch.from_numpy(first.labels_all[first.indices])
+    fresh: list[SignalWindowDataset] = []
 
     def through_loader() -> None:
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=pass_batch)
+        loader = DataLoader(fresh[-1], batch_sampler=batches, num_workers=0, collate_fn=pass_batch)
         for batch in loader:
             batch["image"].sum()
 
@@ -112,13 +121,13 @@ def loader_rate(store: Path, cache: bool, epochs: int) -> tuple[float, float, in
             memory[index].sum()
             labels[index]
 
-    seen = sum(len(b) for b in batches)
-    return seen / best_time(3, through_loader), seen / best_time(3, in_memory), n
+    loader_s = best_time(repeats, through_loader, lambda: fresh.append(dataset()))
+    return n / loader_s, n / best_time(repeats, in_memory), n
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--patients", type=int, default=24)
+    parser.add_argument("--patients", type=int, default=100, help="patients (the train split spans ~20 shards)")
     parser.add_argument("--records", type=int, default=4, help="records per patient")
     parser.add_argument("--seconds", type=float, default=30.0, help="record length")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (the best counts)")
@@ -145,9 +154,9 @@ def main() -> None:
         fig = {"bare_windows_per_s": windows / bare_s, "ingest_windows_per_s": stored / ingest_s,
                "windows": float(stored)}
         fig["ingest_vs_bare_windowing"] = fig["ingest_windows_per_s"] / fig["bare_windows_per_s"]
-        loader, memory, n = loader_rate(store, cache=False, epochs=3)
+        loader, memory, n = loader_rate(store, cache=False, repeats=args.repeats)
         fig.update(loader_windows_per_s=loader, in_memory_windows_per_s=memory, loader_vs_in_memory=loader / memory)
-        cached, memory2, _ = loader_rate(store, cache=True, epochs=3)
+        cached, memory2, _ = loader_rate(store, cache=True, repeats=args.repeats)
         fig.update(loader_cached_windows_per_s=cached, loader_cached_vs_in_memory=cached / memory2)
         print(f"ingest_vs_bare_windowing     {fig['ingest_vs_bare_windowing']:.2f}x  ({fig['ingest_windows_per_s']:.0f} "
               f"vs {fig['bare_windows_per_s']:.0f} windows/s; {stored} windows of {config.window_s:g} s, "

@@ -24,6 +24,9 @@ from medpipe.task import Task
 from medpipe.training import StoreNotCompleteError, TrainingError, as_task
 
 DEFAULT_CACHE_BYTES = 2 << 30  # hold a split in memory up to this size (TrainConfig.cache_max_bytes)
+# decoded shards an uncached dataset keeps: twice the sampler's default window of shuffled blocks (TrainConfig.
+# block_window = 8), ~4 MB each (medpipe.signals.store.windows_per_shard)
+SHARD_LRU = 16
 
 
 def open_signal_store(store_url: str) -> zarr.Group:
@@ -111,6 +114,7 @@ class SignalWindowDataset(Dataset):
         self.shard = shard_length(array)
         self.transform = SignalAugment(seed) if augment and self.task is Task.classify else None
         self._array: zarr.Array | None = None
+        self._shards: dict[int, np.ndarray] = {}  # LRU of decoded shards (uncached reads), insertion ordered
         self._cache: torch.Tensor | None = None
         if cache and self.indices.size * self.leads * self.window * 4 <= cache_max_bytes:
             # a torch tensor: spawned DataLoader workers receive it through shared memory, not as a copy
@@ -129,6 +133,7 @@ class SignalWindowDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_array"] = None  # each process opens the store itself
+        state["_shards"] = {}
         return state
 
     def __len__(self) -> int:
@@ -139,9 +144,25 @@ class SignalWindowDataset(Dataset):
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if self._cache is not None:
             return self._cache.numpy()[pos]
+        return self._read_shards(self.indices[pos])
+
+    def _read_shards(self, rows: np.ndarray) -> np.ndarray:
+        """Windows of store `rows` from whole shards kept in a small LRU: the training sampler shuffles whole
+        shards in windows of a few, so each shard is read once per epoch, not once per batch that touches it."""
         if self._array is None:
             self._array = open_signals(self.store_url)
-        return read_windows(self._array, self.indices[pos])
+        out = np.empty((rows.size, self.leads, self.window), np.float32)
+        shard_of = rows // self.shard
+        for shard in np.unique(shard_of):
+            block = self._shards.pop(int(shard), None)
+            if block is None:
+                block = np.asarray(self._array[shard * self.shard : (shard + 1) * self.shard], dtype=np.float32)
+            self._shards[int(shard)] = block  # most recently used last
+            while len(self._shards) > SHARD_LRU:
+                self._shards.pop(next(iter(self._shards)))
+            here = shard_of == shard
+            out[here] = block[rows[here] - shard * self.shard]
+        return out
 
     def __getitems__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
         """The stacked batch of split positions (the DataLoader calls it with a batch sampler's batch)."""

@@ -243,3 +243,27 @@ def test_a_record_that_breaks_processing_is_quarantined(signal_source, deid_key,
     assert [q["reason"] for q in broken] == ["processing_error"]
     assert "RuntimeError" in broken[0]["detail"] and "642341" not in json.dumps(quarantine)
     assert summary["counts"]["ingested"] > 0 and list((tmp_path / "errors").iterdir())
+
+
+def test_ptbxl_layout_with_patients_from_the_manifest(deid_key, tmp_path):
+    """PTB-XL's layout: records100/00000/00001_lr.hea (no patient in the header, 100 Hz, 10 s), patients and
+    labels in a table: the manifest's patient_id decides, so two records of one patient share pseudonym and split."""
+    root = tmp_path / "ptbxl"
+    folder = root / "records100" / "00000"
+    rows = ["path,label,patient_id"]
+    for i, (patient, label) in enumerate((("15709", "NORM"), ("15709", "AFIB"), ("13243", "NORM"), ("20372", "AFIB")),
+                                         start=1):
+        _wfdb(folder, f"{i:05d}_lr", _ecg_like(10.0, 100.0, 3, i), 100.0, [])
+        rows.append(f"records100/00000/{i:05d}_lr.hea,{label},{patient}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    store = tmp_path / "ptbxl.zarr"
+    summary = _ingest(root, store, SignalIngestConfig(window_s=5.0))
+    assert summary["counts"] == {"discovered": 4, "ingested": 4, "quarantined": 0, "windows": 8, "patients": 3,
+                                 "skipped_files": 0}
+    table = read_window_table(str(store))
+    pseudonyms = Pseudonymizer(resolve_key())
+    assert set(table["patient"]) == {pseudonyms.patient(p) for p in ("15709", "13243", "20372")}
+    assert summary["classes"] == ["AFIB", "NORM"]
+    one = table["patient"] == pseudonyms.patient("15709")
+    assert one.sum() == 4 and len(set(table["split"][one].tolist())) == 1
+    assert sorted(table["label"][one].tolist()) == [0, 0, 1, 1]

@@ -256,6 +256,8 @@ def ingest_signals(
                                         "the lead set most records share)"),
     table_rate: Optional[float] = typer.Option(None, help="sampling rate of CSV/Parquet tables without a time "
                                                "column, Hz"),
+    manifest_only: Optional[bool] = typer.Option(None, "--manifest-only/--all-records",
+                                                 help="ingest only the records the manifest lists"),
     workers: Optional[int] = typer.Option(None, help="LocalCluster workers"),
     scheduler: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786"),
     key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
@@ -271,7 +273,8 @@ def ingest_signals(
     cfg = guarded(lambda: load_config(config, SignalIngestConfig, section="signals", **{
         "manifest": manifest, "classes": classes.split(",") if classes else None, "rate_hz": rate,
         "window_s": window, "overlap_s": overlap, "last_partial": last_partial,
-        "leads": leads.split(",") if leads else None, "table_rate_hz": table_rate, "workers": workers,
+        "leads": leads.split(",") if leads else None, "table_rate_hz": table_rate, "manifest_only": manifest_only,
+        "workers": workers,
         "scheduler": scheduler}))
     guarded(lambda: preflight_ingest(source, store, cfg.scheduler), user_errors=PATH_ERRORS)
     if not key_secret:

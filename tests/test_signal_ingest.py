@@ -256,10 +256,11 @@ def test_ptbxl_layout_with_patients_from_the_manifest(deid_key, tmp_path):
         _wfdb(folder, f"{i:05d}_lr", _ecg_like(10.0, 100.0, 3, i), 100.0, [])
         rows.append(f"records100/00000/{i:05d}_lr.hea,{label},{patient}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    _wfdb(root / "records500" / "00000", "00001_hr", _ecg_like(10.0, 500.0, 3, 9), 500.0, [])  # not in the manifest
     store = tmp_path / "ptbxl.zarr"
-    summary = _ingest(root, store, SignalIngestConfig(window_s=5.0))
+    summary = _ingest(root, store, SignalIngestConfig(window_s=5.0, manifest_only=True))
     assert summary["counts"] == {"discovered": 4, "ingested": 4, "quarantined": 0, "windows": 8, "patients": 3,
-                                 "skipped_files": 0}
+                                 "skipped_files": 2}  # the 500 Hz copy: its .hea and .dat
     table = read_window_table(str(store))
     pseudonyms = Pseudonymizer(resolve_key())
     assert set(table["patient"]) == {pseudonyms.patient(p) for p in ("15709", "13243", "20372")}

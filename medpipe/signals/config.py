@@ -33,6 +33,8 @@ class SignalIngestConfig(_Section):
     manifest: str | None = Field(default=None, description="labels CSV (path,label[,patient_id]); default "
                                  "SOURCE/labels.csv when present")
     classes: list[str] | None = Field(default=None, description="declared class names; default: from the manifest")
+    manifest_only: bool = Field(default=False, description="ingest only the records the manifest lists (others are "
+                                "counted as skipped): e.g. PTB-XL's 100 Hz records without their 500 Hz copies")
     patient_folder_depth: int = Field(
         default=1, ge=0, description="a record without a patient ID in its header or the manifest belongs to the "
         "patient named by this many leading folders of its path (0: each record is its own patient)")

@@ -161,6 +161,10 @@ def prepare_signal_ingest(source: str, store: str, config: SignalIngestConfig, k
     listing = discover_files(source, exclude=exclude, store=store)
     check_references(manifest, set(listing.paths), pseudonyms.path)
     records, companions, skipped = record_files(listing.paths)
+    if config.manifest_only:
+        listed = [r for r in records if r in manifest.rows]
+        skipped += sum(1 + len(companions[r]) for r in records if r not in manifest.rows)
+        records, companions = listed, {r: companions[r] for r in listed}
     manifest_digest = hashlib.sha256(fs.cat_file(manifest_path) if manifest_path else b"").hexdigest()
     fingerprint = hashlib.sha256(json.dumps(
         [listing.fingerprint(), manifest_digest, config.lineage_dict(), key.identity, __version__],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
@@ -13,11 +12,12 @@ from medpipe.signals.data import SignalWindowDataset, read_windows
 from medpipe.signals.models import SIGNAL_MODELS, SignalModelSpec, build_signal_model, standardise
 from medpipe.signals.store import write_signal_store
 from medpipe.signals.train import load_signal_model, predict_signals, train_signals
-from medpipe.training import (CheckpointExistsError, CheckpointMismatchError, MissingLabelsError,
+from medpipe.training import (CheckpointMismatchError, MissingLabelsError,
                               StoreNotCompleteError, TrainingError, UnknownModelError)
 from medpipe.training.checkpoints import load_checkpoint
 from medpipe.training.config import TrainConfig
 from medpipe.training.selection import improved, lower_is_better
+from training_store import check_kill_and_resume
 
 RATE = 50.0
 WINDOW = 200  # 4 s at 50 Hz
@@ -185,25 +185,7 @@ def test_forecast_beats_persistence(periodic_store, tmp_path):
 
 def test_resume_after_kill_continues(rhythm_store, tmp_path):
     cfg = _quick(model="gru", epochs=3)
-
-    def kill_after_two(epoch, metrics):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        train_signals(rhythm_store, tmp_path / "run", cfg, progress=False, on_epoch_end=kill_after_two)
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
-    with pytest.raises(CheckpointExistsError, match="resume"):
-        train_signals(rhythm_store, tmp_path / "run", cfg, progress=False)
-    seen: list[int] = []
-    resumed = train_signals(rhythm_store, tmp_path / "run", cfg, resume=True, progress=False,
-                            on_epoch_end=lambda e, m: seen.append(e))
-    assert seen == [3] and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    straight = train_signals(rhythm_store, tmp_path / "straight", cfg, progress=False)
-    assert [h["train_loss"] for h in straight.history] == pytest.approx(
-        [h["train_loss"] for h in resumed.history], rel=1e-4), "a resumed run repeats the uninterrupted one"
+    check_kill_and_resume(train_signals, rhythm_store, tmp_path, cfg, epochs=3)
 
 
 def test_mismatches_are_refused(rhythm_store, periodic_store, tmp_path):

@@ -30,8 +30,8 @@ from medpipe.training.data import BlockShuffleSampler, ZarrImageDataset, default
 from medpipe.training.engine import predict, split_metrics, train
 from medpipe.training.models import MODEL_NAMES, build_model
 from medpipe.training.selection import best_val_epoch, improved, monitor_key
-from training_store import (SENTINEL, make_2d_store, make_3d_store, synthetic_2d, synthetic_3d,
-                            write_sentinel_in_worker, write_store)
+from training_store import (SENTINEL, check_kill_and_resume, make_2d_store, make_3d_store, synthetic_2d,
+                            synthetic_3d, write_sentinel_in_worker, write_store)
 
 
 @pytest.fixture(scope="module")
@@ -202,26 +202,7 @@ def test_segmentation_trains_and_predicts_masks(store3d, tmp_path):
 
 def test_resume_after_kill_continues(store2d, tmp_path):
     cfg = TrainConfig(epochs=4, batch_size=64, early_stopping_patience=0)
-
-    def kill_after_two(epoch, metrics):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        train(store2d, tmp_path / "run", cfg, progress=False, on_epoch_end=kill_after_two)
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
-    with pytest.raises(CheckpointExistsError, match="resume"):
-        train(store2d, tmp_path / "run", cfg, progress=False)
-    seen: list[int] = []
-    resumed = train(store2d, tmp_path / "run", cfg, resume=True, progress=False,
-                    on_epoch_end=lambda e, m: seen.append(e))
-    assert seen == [3, 4] and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    straight = train(store2d, tmp_path / "straight", cfg, progress=False)
-    assert [h["train_loss"] for h in straight.history] == pytest.approx(
-        [h["train_loss"] for h in resumed.history], rel=1e-4), "a resumed run repeats the uninterrupted one"
+    check_kill_and_resume(train, store2d, tmp_path, cfg, epochs=4)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

@@ -144,3 +144,35 @@ def write_sentinel_in_worker(worker_id: int) -> None:
 
     dataset = torch.utils.data.get_worker_info().dataset
     dataset._cache["images"].reshape(-1)[0] = SENTINEL
+
+
+def check_kill_and_resume(train_fn: Any, store: str, out: Any, config: Any, epochs: int) -> None:
+    """`train_fn(store, run_dir, config, ...)` (an engine entry point) killed after epoch 2 leaves last.pt at epoch 2,
+    refuses a fresh run into the folder, resumes epochs 3..`epochs` with the history and metrics.csv complete, and
+    repeats an uninterrupted run's training losses."""
+    import csv
+
+    import pytest
+
+    from medpipe.training import CheckpointExistsError
+    from medpipe.training.checkpoints import load_checkpoint
+
+    def kill_after_two(epoch: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    run = out / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_fn(store, run, config, progress=False, on_epoch_end=kill_after_two)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    with pytest.raises(CheckpointExistsError, match="resume"):
+        train_fn(store, run, config, progress=False)
+    seen: list[int] = []
+    resumed = train_fn(store, run, config, resume=True, progress=False, on_epoch_end=lambda e, m: seen.append(e))
+    everything = list(range(1, epochs + 1))
+    assert seen == everything[2:] and [h["epoch"] for h in resumed.history] == everything
+    assert load_checkpoint(run / "last.pt")["epoch"] == epochs
+    assert [int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())] == everything
+    straight = train_fn(store, out / "straight", config, progress=False)
+    assert [h["train_loss"] for h in straight.history] == pytest.approx(
+        [h["train_loss"] for h in resumed.history], rel=1e-4), "a resumed run repeats the uninterrupted one"

@@ -175,6 +175,14 @@ def demo_data(
                       f"{signals.bytes / 1e6:.1f} MB -> {signals.root}\nrhythm labels: {signals.manifest}")
 
 
+# Options shared by the ingest commands (one definition each)
+WORKERS_OPTION = typer.Option(None, help="LocalCluster workers")
+SCHEDULER_OPTION = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786")
+KEY_SECRET_OPTION = typer.Option(None, help="name of a Prefect Secret block holding the key (default: "
+                                 "$MEDPIPE_DEID_KEY)")
+CLASSES_OPTION = typer.Option(None, help="declared class names, comma separated")
+
+
 def preflight_ingest(source: str, store: str, scheduler: Optional[str]) -> None:
     """Everything about SOURCE, STORE and the scheduler that can be checked without the key or any server."""
     from medpipe.ingest.lock import check_unlocked
@@ -195,20 +203,19 @@ def ingest(
     store: str = typer.Argument(..., help="Zarr store path or URL (s3://bucket/name.zarr)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
     manifest: Optional[str] = typer.Option(None, help="labels CSV (default: SOURCE/labels.csv when present)"),
-    classes: Optional[str] = typer.Option(None, help="declared class names, comma separated"),
+    classes: Optional[str] = CLASSES_OPTION,
     kind: Optional[str] = typer.Option(None, help="training arrays: 2d or 3d"),
     shape: Optional[str] = typer.Option(None, help="sample shape, e.g. 64,64 or 32,64,64"),
     channels: Optional[int] = typer.Option(None, help="1 or 3 channels"),
-    workers: Optional[int] = typer.Option(None, help="LocalCluster workers"),
-    scheduler: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786"),
+    workers: Optional[int] = WORKERS_OPTION,
+    scheduler: Optional[str] = SCHEDULER_OPTION,
     files_per_shard: Optional[int] = typer.Option(None, help="files per parallel work unit"),
     codec: Optional[str] = typer.Option(None, help="training arrays' codec: zstd, lz4 or none"),
     training_dtype: Optional[str] = typer.Option(None, help="training arrays: float32 (default) or float16 (half "
                                                  "the bytes; see docs/benchmarks.md for its cost on the demo)"),
     archive_codec: Optional[str] = typer.Option(None, help="archive codec: auto (JPEG-LS for integer images), "
                                                 "jpegls, zstd, lz4 or none (all lossless)"),
-    key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
-                                             "(default: $MEDPIPE_DEID_KEY)"),
+    key_secret: Optional[str] = KEY_SECRET_OPTION,
     progress: bool = typer.Option(True, help="show progress bars"),
     retry_quarantined: bool = typer.Option(False, "--retry-quarantined",
                                            help="re-examine quarantined files even when the store is up to date"),
@@ -247,7 +254,7 @@ def ingest_signals(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (docs/signals.md)"),
     manifest: Optional[str] = typer.Option(None, help="labels CSV: path,label[,patient_id] (default: "
                                            "SOURCE/labels.csv when present)"),
-    classes: Optional[str] = typer.Option(None, help="declared class names, comma separated"),
+    classes: Optional[str] = CLASSES_OPTION,
     rate: Optional[float] = typer.Option(None, help="common sampling rate, Hz (default 100)"),
     window: Optional[float] = typer.Option(None, help="window length, seconds (default 5)"),
     overlap: Optional[float] = typer.Option(None, help="overlap of consecutive windows, seconds (default 0)"),
@@ -258,10 +265,9 @@ def ingest_signals(
                                                "column, Hz"),
     manifest_only: Optional[bool] = typer.Option(None, "--manifest-only/--all-records",
                                                  help="ingest only the records the manifest lists"),
-    workers: Optional[int] = typer.Option(None, help="LocalCluster workers"),
-    scheduler: Optional[str] = typer.Option(None, help="existing Dask scheduler, e.g. tcp://host:8786"),
-    key_secret: Optional[str] = typer.Option(None, help="name of a Prefect Secret block holding the key "
-                                             "(default: $MEDPIPE_DEID_KEY)"),
+    workers: Optional[int] = WORKERS_OPTION,
+    scheduler: Optional[str] = SCHEDULER_OPTION,
+    key_secret: Optional[str] = KEY_SECRET_OPTION,
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """De-identify the signal records of SOURCE, resample them and cut them into windows in STORE."""

@@ -588,8 +588,10 @@ def evaluate(
     report_dir = out or (model if model.is_dir() else model.parent) / "report"
     if is_signal_store(store):
         from flows.timeseries import run_evaluate_signals
+        from medpipe.signals.evaluate import load_checked_signal_model
 
         guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
+        guarded(lambda: load_checked_signal_model(store, model))
         result = guarded(lambda: run_evaluate_signals(store, str(model), str(report_dir), split=split,
                                                       n_boot=n_boot, device=device))
         console.print(result["markdown"])

@@ -82,6 +82,7 @@ def test_signal_commands_fail_in_one_line(signal_store, tmp_path):
     root, store, _ = signal_store
     for args, expect in ((["train", str(store), "--task", "segment", "--out", str(tmp_path / "x")], "rhythm or forecast"),
                          (["ingest-signals", str(tmp_path / "missing"), str(tmp_path / "s.zarr")], "not found"),
+                         (["evaluate", str(store), str(tmp_path / "no-run")], "no checkpoint"),
                          (["ingest-signals", str(root / "source"), str(tmp_path / "s.zarr"), "--overlap", "9"],
                           "overlap")):
         result = runner.invoke(app, args, env={"COLUMNS": "20"})

@@ -379,13 +379,14 @@ def _training_seconds(run_dir: Path) -> float | None:
     return None
 
 
-def evaluate_signal_checkpoint(store_url: str, model_path: str | Path, out_dir: str | Path, *, split: str = "test",
-                               n_boot: int = 1000, device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Evaluate a signal checkpoint (a run folder -> its best.pt, or a .pt file) on ``split`` of its signals store:
-    writes metrics.json, report.html and PNGs in ``out_dir``; returns the metrics (see :func:`signal_metrics`)."""
+def load_checked_signal_model(store_url: str, model_path: str | Path
+                              ) -> tuple[Any, dict[str, Any], dict[str, Any], Path, Path]:
+    """(model, checkpoint metadata, store attributes, checkpoint path, run folder) of a signal checkpoint (a run
+    folder -> its best.pt, or a .pt file) trained on this store; a one-line TrainingError otherwise (no checkpoint,
+    not a signal model, another store). The CLI calls it before any flow starts."""
     from medpipe.evaluation.evaluate import resolve_checkpoint
-    from medpipe.signals.store import open_signals, read_window_table, signal_attrs
-    from medpipe.signals.train import load_signal_model, predict_signals
+    from medpipe.signals.store import signal_attrs
+    from medpipe.signals.train import load_signal_model
     from medpipe.training import CheckpointMismatchError
 
     checkpoint, run_dir = resolve_checkpoint(model_path)
@@ -395,6 +396,17 @@ def evaluate_signal_checkpoint(store_url: str, model_path: str | Path, out_dir: 
     if trained_on and trained_on != attrs.get("content_hash"):
         raise CheckpointMismatchError(f"{checkpoint.name} was trained on a different store (content hash "
                                       f"{str(trained_on)[:12]}…, this store {str(attrs.get('content_hash'))[:12]}…)")
+    return model, meta, attrs, checkpoint, run_dir
+
+
+def evaluate_signal_checkpoint(store_url: str, model_path: str | Path, out_dir: str | Path, *, split: str = "test",
+                               n_boot: int = 1000, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Evaluate a signal checkpoint (a run folder -> its best.pt, or a .pt file) on ``split`` of its signals store:
+    writes metrics.json, report.html and PNGs in ``out_dir``; returns the metrics (see :func:`signal_metrics`)."""
+    from medpipe.signals.store import open_signals, read_window_table
+    from medpipe.signals.train import predict_signals
+
+    model, meta, attrs, checkpoint, run_dir = load_checked_signal_model(store_url, model_path)
     predictions = predict_signals(model, store_url, split, device=device)
     model_info = {"model_name": meta.get("model_name"), "task": getattr(meta.get("task"), "value", meta.get("task")),
                   "params": int(sum(p.numel() for p in model.parameters())), "epoch": meta.get("epoch"),

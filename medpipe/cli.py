@@ -479,6 +479,10 @@ def _train_signals(store: str, task: str, out: Optional[Path], config: Optional[
         "batch_size": batch_size, "lr": lr, "device": device}))
     guarded(lambda: preflight_store(store), user_errors=PATH_ERRORS)
     guarded(lambda: signal_attrs(store))
+    from medpipe.signals.train import check_signal_training
+
+    for config_of_model in (cfg.model_copy(update={"model": name}) for name in names or [cfg.model]):
+        guarded(functools.partial(check_signal_training, store, config_of_model))  # before any flow starts
     run_dir = out or Path("runs") / f"{Path(store.rstrip('/')).stem}-{task}"
     run_dirs = [run_dir / n for n in names] if names and len(names) > 1 else [run_dir]
     for folder in run_dirs:

@@ -83,6 +83,8 @@ def test_signal_commands_fail_in_one_line(signal_store, tmp_path):
     for args, expect in ((["train", str(store), "--task", "segment", "--out", str(tmp_path / "x")], "rhythm or forecast"),
                          (["ingest-signals", str(tmp_path / "missing"), str(tmp_path / "s.zarr")], "not found"),
                          (["evaluate", str(store), str(tmp_path / "no-run")], "no checkpoint"),
+                         (["train", str(store), "--task", "forecast", "--model", "gru,nosuch", "--out",
+                           str(tmp_path / "y")], "unknown signal model"),
                          (["ingest-signals", str(root / "source"), str(tmp_path / "s.zarr"), "--overlap", "9"],
                           "overlap")):
         result = runner.invoke(app, args, env={"COLUMNS": "20"})

@@ -117,8 +117,11 @@ def _comment_fields(comments: Iterable[str]) -> dict[str, str]:
     return fields
 
 
-def _wfdb_declared_rate(header_path: Path) -> None:
-    """wfdb silently reads a negative rate as its default of 250 Hz: check the record line's rate ourselves."""
+def _wfdb_record_line(header_path: Path) -> int | None:
+    """Checks of the header's record line, read here rather than by wfdb (which silently reads a negative rate as
+    its default 250 Hz, and parses the whole header, slowly, on every call): the rate must be a positive number,
+    the signal count an integer. Returns signals x samples when the line declares them (for the size limit before
+    any sample is read), None for multi-segment records or a missing length (wfdb's own header parse decides)."""
     try:
         text = header_path.read_text(encoding="latin-1")
     except OSError:
@@ -135,7 +138,12 @@ def _wfdb_declared_rate(header_path: Path) -> None:
                 raise SignalReadError("unreadable_header", "the record line's sampling rate is not a number") from None
             if not value > 0:
                 raise SignalReadError("bad_sampling_rate", "the sampling rate is not a positive number")
-        return
+        if len(tokens) < 2 or not tokens[1].isdigit():
+            raise SignalReadError("unreadable_header", "the record line does not give the number of signals")
+        if "/" in tokens[0] or len(tokens) < 4 or not tokens[3].isdigit():
+            return None
+        return int(tokens[1]) * int(tokens[3])
+    raise SignalReadError("unreadable_header", "the header has no record line")
 
 
 def _wfdb_annotations(record_name: str, folder: Path, stem: str) -> tuple[Annotation, ...]:
@@ -156,23 +164,33 @@ def _wfdb_annotations(record_name: str, folder: Path, stem: str) -> tuple[Annota
     return ()
 
 
-def _read_wfdb(path: Path, table_rate_hz: float | None) -> SignalRecord:
+def _wfdb_header(record_name: str) -> Any:
+    """wfdb's parse of a record's header; SignalReadError when it fails."""
     import wfdb
 
-    record_name = str(path.with_suffix(""))
-    _wfdb_declared_rate(path)
     try:
-        header = wfdb.rdheader(record_name)
+        return wfdb.rdheader(record_name)
     except FileNotFoundError:
         raise SignalReadError("missing_file", "the header file is missing") from None
     except Exception as exc:
         raise SignalReadError("unreadable_header", f"the WFDB header cannot be parsed ({type(exc).__name__})") from None
-    _too_large(int(header.sig_len or 0) * int(header.n_sig or 0))
+
+
+def _read_wfdb(path: Path, table_rate_hz: float | None) -> SignalRecord:
+    import wfdb
+
+    record_name = str(path.with_suffix(""))
+    values = _wfdb_record_line(path)
+    if values is None:  # wfdb's header parse gives the size (a second parse, for these records only)
+        header = _wfdb_header(record_name)
+        values = int(header.sig_len or 0) * int(header.n_sig or 0)
+    _too_large(values)
     try:
         record = wfdb.rdrecord(record_name, m2s=True, physical=True)
     except FileNotFoundError:
         raise SignalReadError("missing_data_file", "a data file named in the header is missing") from None
     except Exception as exc:
+        _wfdb_header(record_name)  # a header wfdb cannot parse is the header's fault, not the samples'
         truncated = "not loaded correctly" in str(exc)
         raise SignalReadError("truncated_data" if truncated else "unreadable_data",
                               f"the WFDB samples cannot be read ({type(exc).__name__})") from None

@@ -85,7 +85,7 @@ def signal_source(tmp_path_factory):
     return root, expected, planted
 
 
-def _ingest(source: Path, store: Path, config: SignalIngestConfig) -> dict:
+def _ingest(source: Path | str, store: Path | str, config: SignalIngestConfig) -> dict:
     key = resolve_key()
     run_id = new_run_id()
     acquire_lock(str(store), run_id)
@@ -268,3 +268,19 @@ def test_ptbxl_layout_with_patients_from_the_manifest(deid_key, tmp_path):
     one = table["patient"] == pseudonyms.patient("15709")
     assert one.sum() == 4 and len(set(table["split"][one].tolist())) == 1
     assert sorted(table["label"][one].tolist()) == [0, 0, 1, 1]
+
+
+def test_s3_source_and_store_give_the_local_store(ingested, moto_s3):
+    """Records read from s3:// (each with its companion files, copied next to it for the readers) into an s3://
+    store: the same windows, table and content hash as the local run."""
+    import s3fs
+
+    root, _, _, config, summary = ingested
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("medpipe-signals")
+    fs.put(str(root), "medpipe-signals/src", recursive=True)
+    s3_summary = _ingest("s3://medpipe-signals/src", "s3://medpipe-signals/signals.zarr", config)
+    assert s3_summary["counts"] == summary["counts"]
+    assert s3_summary["content_hash"] == summary["content_hash"]
+    assert signal_attrs("s3://medpipe-signals/signals.zarr")["content_hash"] == summary["content_hash"]
+    assert not fs.exists("medpipe-signals/signals.zarr/work/signal-staging")

@@ -102,11 +102,18 @@ class ArchiveOutcome:
 
 def check_ingest_inputs(source: str, store: str, config: IngestConfig, key: DeidKey) -> None:
     """Fail fast, before any flow starts: missing source, unusable manifest, a store made with another key."""
+    check_source_and_store(source, store, config.manifest, config.classes, key)
+
+
+def check_source_and_store(source: str, store: str, manifest: str | None, classes: list[str] | None,
+                           key: DeidKey) -> dict[str, Any] | None:
+    """A source folder that exists, a manifest that loads, a store not made with another key (image and signal
+    ingest alike); returns the store's previous attributes (None for a new store)."""
     fs, root = source_fs(source)
     if not fs.exists(root) or not fs.isdir(root):
         raise SourceNotFoundError(f"source folder not found: {source}")
-    load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
-    check_store_key(store, key)
+    load_manifest(fs, root, manifest, classes, Pseudonymizer(key).path)
+    return check_store_key(store, key)
 
 
 def check_store_key(store: str, key: DeidKey) -> dict[str, Any] | None:

@@ -29,8 +29,7 @@ from medpipe.deid import DeidAudit, DeidKey, Pseudonymizer, key_check_record
 from medpipe.errors import write_traceback
 from medpipe.ingest.discover import discover_files, is_local_fs, make_shards, source_fs
 from medpipe.ingest.lock import check_lock
-from medpipe.ingest.pipeline import TASKS_PER_WORKER, Driver, Mapper, check_store_key
-from medpipe.preflight import SourceNotFoundError
+from medpipe.ingest.pipeline import TASKS_PER_WORKER, Driver, Mapper, check_source_and_store, check_store_key
 from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.signals.config import SignalIngestConfig
 from medpipe.signals.leads import canonical_lead
@@ -141,11 +140,7 @@ def _stem(path: str) -> str:
 def check_signal_inputs(source: str, store: str, config: SignalIngestConfig, key: DeidKey) -> None:
     """Fail fast, before any flow starts: missing source, unusable manifest, a store made with another key or
     holding images."""
-    fs, root = source_fs(source)
-    if not fs.exists(root) or not fs.isdir(root):
-        raise SourceNotFoundError(f"source folder not found: {source}")
-    load_manifest(fs, root, config.manifest, config.classes, Pseudonymizer(key).path)
-    previous = check_store_key(store, key)
+    previous = check_source_and_store(source, store, config.manifest, config.classes, key)
     if previous and previous.get("kind") not in (None, SIGNALS_KIND):
         raise SignalStoreError(f"{store} holds an image store; ingest signals into another store path")
 

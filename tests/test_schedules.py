@@ -38,6 +38,18 @@ def scheduled_runs(api_url: str, deployment: str) -> list:
     return sorted(runs, key=lambda r: r.expected_start_time)
 
 
+def wait_for_scheduled(api_url: str, deployment: str, count: int, timeout: float = 30) -> list:
+    """The deployment's Scheduled runs once there are `count` of them (or whatever there is after `timeout` s).
+
+    The two deployments are registered one after the other, so one scheduler loop may see only the first."""
+    deadline = time.monotonic() + timeout
+    runs = scheduled_runs(api_url, deployment)
+    while len(runs) < count and time.monotonic() < deadline:
+        time.sleep(1)
+        runs = scheduled_runs(api_url, deployment)
+    return runs
+
+
 def test_cron_deployment_gets_scheduled_runs_that_start(tmp_path):
     with Stack(tmp_path) as stack:
         server = PrefectServer(tmp_path, settings={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
@@ -48,17 +60,15 @@ def test_cron_deployment_gets_scheduled_runs_that_start(tmp_path):
                              [cron, interval])
         stack.start(served)
 
-        deadline = time.monotonic() + 30
-        runs = scheduled_runs(server.api_url, cron)
-        while len(runs) < 2 and time.monotonic() < deadline:
-            time.sleep(1)
-            runs = scheduled_runs(server.api_url, cron)
+        runs = wait_for_scheduled(server.api_url, cron, 2)
         assert len(runs) >= 2, f"the scheduler made {len(runs)} Scheduled cron run(s) in 30 s"
         starts = [r.expected_start_time for r in runs]
         assert all(s.second == 0 and s.microsecond == 0 for s in starts)
         assert all(b - a == dt.timedelta(minutes=1) for a, b in zip(starts, starts[1:]))
 
-        first = scheduled_runs(server.api_url, interval)[0]  # made by the same loop, so it exists by now
+        interval_runs = wait_for_scheduled(server.api_url, interval, 1)
+        assert interval_runs, "the scheduler made no Scheduled interval run in 30 s"
+        first = interval_runs[0]
         wait = (first.expected_start_time - dt.datetime.now(dt.timezone.utc)).total_seconds()
         assert wait <= 30  # a few intervals at most (earlier ones may already be running)
         finished = wait_final(server.api_url, str(first.id), timeout=max(wait, 0) + 45)

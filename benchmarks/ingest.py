@@ -2,7 +2,9 @@
 
   ingest_per_worker_vs_decode_write  one worker (serial mapper, in-process) ingesting CT series vs a bare loop over
                                      the same files: pydicom decode, stack (1, Z, Y, X), zarr write with the archive's
-                                     codec chain and chunks (page cache warm for both); source MB/s over source MB/s
+                                     codec chain and chunks, and each NIfTI mask decoded by nibabel and written with
+                                     the archive mask's (page cache warm for both); source MB/s over source MB/s.
+                                     Without the masks: `ingest_per_worker_vs_image_decode_write`
   ingest_2_workers_vs_1              the same CT ingest on a Dask LocalCluster of 2 workers vs 1 (processes, 1 thread
                                      each; each cluster started and its workers' imports done before the timer)
   flow_vs_bare_dask                  the Prefect flow vs the same `run_ingest_steps` on bare Dask over the small 2D
@@ -220,9 +222,12 @@ def empty_trash(out: Path) -> None:
     shutil.rmtree(out / TRASH, ignore_errors=True)
 
 
-def decode_write(series: list[Path], out: Path, config: StoreConfig) -> None:
+def decode_write(series: list[Path], masks: list[Path], out: Path, config: StoreConfig) -> None:
     """Baseline of one worker: per series, pydicom-decode every file, stack (1, Z, Y, X) and write it into a zarr
-    array with the archive's codec chain and chunks."""
+    array with the archive's codec chain and chunks; then each NIfTI mask file of the source, decoded by nibabel and
+    written with the archive mask's codec chain and chunks (the same files the ingest reads, each decoded once and
+    written once, nothing else)."""
+    import nibabel as nib
     import numpy as np
     import pydicom
     import zarr
@@ -231,11 +236,22 @@ def decode_write(series: list[Path], out: Path, config: StoreConfig) -> None:
     from medpipe.store import archive_chunks
 
     root = zarr.open_group(str(out), mode="w")
+
+    def write(name: str, values: np.ndarray, layer: str) -> None:
+        array = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=archive_chunks(values.shape),
+                                  **codec_chain(layer, config, values.dtype))  # type: ignore[arg-type]
+        array[...] = values
+
     for i, folder in enumerate(series):
-        stack = np.stack([pydicom.dcmread(f).pixel_array for f in sorted(folder.glob("*.dcm"))])[None]
-        array = root.create_array(f"series{i}", shape=stack.shape, dtype=stack.dtype, chunks=archive_chunks(stack.shape),
-                                  **codec_chain("archive", config, stack.dtype))
-        array[...] = stack
+        write(f"series{i}", np.stack([pydicom.dcmread(f).pixel_array for f in sorted(folder.glob("*.dcm"))])[None],
+              "archive")
+    for i, path in enumerate(masks):
+        write(f"mask{i}", np.asarray(nib.load(path).dataobj).T[None], "archive_mask")
+
+
+def mask_files(source: Path) -> list[Path]:
+    """The NIfTI mask files of a source."""
+    return sorted(source.rglob("*.nii.gz"))
 
 
 def series_folders(source: Path) -> list[Path]:
@@ -279,9 +295,11 @@ def measure_one_worker(src: Sources, out: Path, repeats: int, fig: dict[str, flo
     """ingest_per_worker_vs_decode_write (and the serial run's per-step times); returns the printed lines."""
     ct_mb = folder_bytes(src.ct) / 1e6
     warm_page_cache(src.ct)
-    series = series_folders(src.ct)
-    fig["decode_write_s"] = best_time(repeats, lambda: decode_write(series, out / "decode-write.zarr",
+    series, masks = series_folders(src.ct), mask_files(src.ct)
+    fig["decode_write_s"] = best_time(repeats, lambda: decode_write(series, masks, out / "decode-write.zarr",
                                                                     src.ct_config.store))
+    fig["decode_write_images_s"] = best_time(repeats, lambda: decode_write(series, [], out / "decode-write.zarr",
+                                                                           src.ct_config.store))
     steps = StepTimes()
     summary: dict[str, Any] = {}
 
@@ -293,11 +311,15 @@ def measure_one_worker(src: Sources, out: Path, repeats: int, fig: dict[str, flo
     fig["decode_write_mb_per_s"] = ct_mb / fig["decode_write_s"]
     fig["ingest_1_worker_mb_per_s"] = ct_mb / fig["ingest_1_worker_s"]
     fig["ingest_per_worker_vs_decode_write"] = fig["decode_write_s"] / fig["ingest_1_worker_s"]
+    fig["ingest_per_worker_vs_image_decode_write"] = fig["decode_write_images_s"] / fig["ingest_1_worker_s"]
     for step, seconds in steps.seconds.items():
         fig[f"step_{step}_s"] = seconds / repeats
     return [ratio_line("ingest_per_worker_vs_decode_write", fig["ingest_per_worker_vs_decode_write"], ">= 0.5",
                        f"{fig['ingest_1_worker_mb_per_s']:.1f} MB/s ingest vs {fig['decode_write_mb_per_s']:.1f} MB/s"
-                       f" decode + write, {summary['counts']['discovered']} files, {ct_mb:.0f} MB"),
+                       f" decode + write, {summary['counts']['discovered']} files ({len(masks)} masks),"
+                       f" {ct_mb:.0f} MB"),
+            ratio_line("ingest_per_worker_vs_image_decode_write", fig["ingest_per_worker_vs_image_decode_write"], "-",
+                       "the same baseline without the mask files (the figure before 2026-11-29)"),
             "  serial run, seconds per step (tasks), mean of repeats: "
             + ", ".join(f"{k} {v / repeats:.2f} ({steps.calls[k] // repeats})" for k, v in steps.seconds.items())]
 

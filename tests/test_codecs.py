@@ -12,7 +12,7 @@ import pydantic
 import pytest
 import zarr
 
-from medpipe.codecs import JPEGLS_NAME, LAYERS, CodecError, codec_chain, decode_frames, encode_frames
+from medpipe.codecs import JPEGLS_NAME, LAYERS, CodecError, codec_chain, decode_frames, encode_frames, for_writing
 from medpipe.config import IngestConfig, StoreConfig
 from medpipe.store import create_training_arrays, read_archive_image, samples_per_chunk
 from medpipe.store_batch import write_archive_image
@@ -167,3 +167,21 @@ def test_blosc_shuffle_follows_the_dtype(tmp_path: Path) -> None:
         blosc = arr.metadata.to_dict()["codecs"][-1]
         assert blosc["name"] == "blosc" and blosc["configuration"]["shuffle"] == shuffle
         assert blosc["configuration"]["typesize"] == np.dtype(dtype).itemsize
+
+
+def test_every_chunk_is_written_even_when_it_equals_the_fill_value(tmp_path: Path) -> None:
+    """zarr's empty-chunk test costs more than compressing the chunk (docs/benchmarks.md): medpipe's arrays store
+    all-zero chunks too, both when created through `codec_chain` and when reopened with `for_writing`."""
+    config = StoreConfig()
+    for layer in LAYERS:
+        dtype = "uint16" if layer == "archive" else "uint8"
+        arr = zarr.create_array(tmp_path / f"{layer}.zarr", shape=(2, 8, 8), chunks=(1, 8, 8), dtype=dtype,
+                                fill_value=0, **codec_chain(layer, config, dtype))
+        arr[...] = np.zeros((2, 8, 8), dtype)
+        assert sorted(p.name for p in (tmp_path / f"{layer}.zarr" / "c").iterdir()) == ["0", "1"], layer
+    reopened = zarr.open_array(tmp_path / "plain.zarr", mode="w", shape=(2, 8), chunks=(1, 8), dtype="uint8",
+                               fill_value=0)
+    reopened[...] = np.zeros((2, 8), np.uint8)
+    assert not (tmp_path / "plain.zarr" / "c").exists()  # zarr's default: empty chunks are skipped
+    for_writing(zarr.open_array(tmp_path / "plain.zarr", mode="a"))[...] = np.zeros((2, 8), np.uint8)
+    assert sorted(p.name for p in (tmp_path / "plain.zarr" / "c").iterdir()) == ["0", "1"]

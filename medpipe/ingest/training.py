@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
+from medpipe.codecs import for_writing
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.ingest.limits import bound_codec_threads
 from medpipe.ingest.lock import check_lock
@@ -289,14 +290,14 @@ def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int
             case = f"training/volumes/{start + offset}"
             if modality in layout.deferred and not layout.normalization.get(modality) and case in root:
                 # no dataset statistics: z-scored per case, which a read of a patch cannot do
-                image = get_array(root, f"{case}/image")
+                image = for_writing(get_array(root, f"{case}/image"))
                 stored = normalize(np.asarray(image[...]), modality, None).astype(image.dtype, copy=False)
                 image[...] = stored
                 result.digests[f"volumes/{start + offset}/image"] = sample_digest(stored)
                 group = get_group(root, case)
                 group.attrs[ATTRS_KEY] = {k: v for k, v in attrs_of(group).items() if k != "raw_intensities"}
         return result
-    images = get_array(root, "training/images")
+    images = for_writing(get_array(root, "training/images"))
     block = np.asarray(images[start:stop])
     for offset, modality in enumerate(modalities):
         if modality in layout.deferred:
@@ -356,12 +357,12 @@ class RowBlock:
         """One write per array: the block covers whole shards, so no other task touches these chunks."""
         if self.stop <= self.start:
             return
-        images = get_array(root, "training/images")
+        images = for_writing(get_array(root, "training/images"))
         stored = self.images.astype(images.dtype, copy=False)
         images[self.start : self.stop] = stored
         self.result.digests.update(row_digests("images", self.start, stored))
         if self.masks is not None:
-            get_array(root, "training/masks")[self.start : self.stop] = self.masks
+            for_writing(get_array(root, "training/masks"))[self.start : self.stop] = self.masks
             self.result.digests.update(row_digests("masks", self.start, self.masks))
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from medpipe import __version__
+from medpipe.codecs import WRITE_CONFIG, for_writing
 from medpipe.deid import DeidAudit, DeidKey, Pseudonymizer, key_check_record
 from medpipe.errors import write_traceback
 from medpipe.ingest.discover import discover_files, is_local_fs, make_shards, source_fs
@@ -262,7 +263,8 @@ def read_record_shard(run: SignalRun, key: DeidKey, shard_index: int, paths: Seq
         windows, starts, deid, units = made
         outcome.audit.merge(deid.audit)
         staging = f"{STAGING}/{shard_index}/{i}"
-        root.create_array(staging, shape=windows.shape, dtype="float32", chunks=windows.shape, overwrite=True)[...] = \
+        root.create_array(staging, shape=windows.shape, dtype="float32", chunks=windows.shape, overwrite=True,
+                          config=WRITE_CONFIG)[...] = \
             windows
         label = run.manifest.class_index(row.label if row else None)
         outcome.records.append(RecordWindows(
@@ -346,7 +348,7 @@ def assemble_signal_shard(run: SignalRun, plan: StorePlan, start: int, stop: int
         order = [position[_lead_key(n)] for n in plan.leads]
         windows = np.asarray(get_array(root, record.staging)[first - offset : last - offset])
         block[first - start : last - start] = windows[:, order]
-    get_array(root, SIGNALS)[start:stop] = block
+    for_writing(get_array(root, SIGNALS))[start:stop] = block
     return window_digests(start, block)
 
 

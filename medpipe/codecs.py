@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
 from zarr.registry import register_codec
@@ -138,7 +139,7 @@ def _blosc_chain(codec: str, level: int) -> tuple[Any, ...]:
 # against the broadcast fill: ~25 ms per 10 MB chunk, 3-4x the Blosc encode of the same chunk (a CT series' mask
 # took 31 ms to write instead of 7). Ingest chunks are rarely empty and an empty one compresses to a few dozen bytes,
 # so every array medpipe writes stores all its chunks (docs/benchmarks.md).
-WRITE_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def codec_chain(layer: Layer, config: StoreConfig, dtype: np.dtype[Any] | str | type) -> dict[str, Any]:

@@ -213,19 +213,32 @@ def test_packed_batches_travel_through_the_ring_and_free_their_slots(monkeypatch
         return packed, buf.getvalue()
 
     ring = None
-    for k in range(2 * batches.RING_SLOTS):  # more batches than slots: each one is copied out and its slot freed
+    for k in range(2 * batches.RING_SLOTS):  # more batches than slots: each slot is freed when its batch is dropped
         packed, data = one(float(k))
         ring = packed.ring
         got = pickle.loads(data)
         assert type(got) is dict and got["label"].tolist() == [1, 2, 3] and float(got["image"].max()) == k
         del packed
+        assert int(ring.states.sum()) == 1  # read in place: the slot is held while the batch's tensors live
+        image = got["image"]
+        del got
+        assert int(ring.states.sum()) == 1 and float(image.max()) == k  # one tensor of it is enough
+        del image
     assert ring is not None and int(ring.states.sum()) == 0
-    packed, _ = one(9.0)  # pickled but the copy never read: its slot stays taken until the main process reads it
+    packed, _ = one(9.0)  # pickled but never read: its slot stays taken until the main process reads it
     assert int(ring.states.sum()) == 1
     ring.release(packed.slot)
     unsent = batches.BatchBuffers(specs, shared=True).packed({"images": "image", "labels": "label"})
     assert int(ring.states.sum()) == 1
     del unsent  # dropped without being sent (e.g. re-collated by default_collate): the slot is free again
+    assert int(ring.states.sum()) == 0
+    monkeypatch.setattr(batches, "SLOT_WAIT_S", 0.01)
+    held = [pickle.loads(one(float(k))[1]) for k in range(batches.RING_SLOTS)]  # a consumer keeping every batch
+    assert int(ring.states.sum()) == batches.RING_SLOTS
+    packed, data = one(42.0)  # no free slot: sent as its own shared block, not blocked
+    assert packed.ring is None and float(pickle.loads(data)["image"].max()) == 42.0
+    assert [float(b["image"].max()) for b in held] == [float(k) for k in range(batches.RING_SLOTS)]  # intact
+    del held, packed
     assert int(ring.states.sum()) == 0
     monkeypatch.setattr(batches, "shared_memory_free_bytes", lambda path=batches.SHM_DIR: 0)
     monkeypatch.setattr(batches, "_ring", None)

@@ -43,6 +43,7 @@ _PROBE_TAGS = [
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"}
 _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 _PROBE_BLOCK = 256 * 1024
+_LOCAL_BUFFER = 64 * 1024  # a CT header fits; the pixel element check seeks past the pixels
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,7 @@ def probe_file(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | 
     exceed it. Storage/network failures raise :class:`medpipe.errors.InfrastructureError`.
     """
     kind = kind_from_path(path)
-    # Small blocks: a probe needs a few KB, object stores would otherwise fetch 5 MB per file.
-    with fs.open(path, "rb", block_size=_PROBE_BLOCK) as f:
+    with _open_for_probe(path, fs) as f:
         size = f.seek(0, 2) or f.tell()
         f.seek(0)
         if kind == "nifti":
@@ -120,6 +120,15 @@ def probe_file(path: str, fs: fsspec.AbstractFileSystem, max_image_bytes: int | 
             if exc.reason == QuarantineReason.not_dicom and not _dicom_like_name(path):
                 raise UnreadableFile(QuarantineReason.unsupported_format, "unknown extension and not DICOM") from None
             raise
+
+
+def _open_for_probe(path: str, fs: fsspec.AbstractFileSystem) -> BinaryIO:
+    """The file for a header probe: a local file opened directly (fsspec's local file object forwards every read,
+    seek and tell through Python, and pydicom makes ~100 of each per header: 0.72 -> 0.5 ms per CT slice); other
+    stores with small blocks (a probe needs a few KB; object stores would otherwise fetch 5 MB per file)."""
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+        return open(fs._strip_protocol(path), "rb", buffering=_LOCAL_BUFFER)
+    return fs.open(path, "rb", block_size=_PROBE_BLOCK)  # type: ignore[no-any-return]
 
 
 def _simple(path: str, size: int, kind: Kind, shape: tuple[int, int, int, int],

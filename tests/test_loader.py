@@ -232,7 +232,6 @@ def test_packed_batches_travel_through_the_ring_and_free_their_slots(monkeypatch
     assert int(ring.states.sum()) == 1
     del unsent  # dropped without being sent (e.g. re-collated by default_collate): the slot is free again
     assert int(ring.states.sum()) == 0
-    monkeypatch.setattr(batches, "SLOT_WAIT_S", 0.01)
     held = [pickle.loads(one(float(k))[1]) for k in range(batches.RING_SLOTS)]  # a consumer keeping every batch
     assert int(ring.states.sum()) == batches.RING_SLOTS
     packed, data = one(42.0)  # no free slot: sent as its own shared block, not blocked

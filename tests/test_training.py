@@ -481,3 +481,27 @@ def test_cache_without_shared_memory_room_is_not_pickled(store2d, monkeypatch):
     assert ds.cached and not copy.cached and not copy._cache
     pos = [3, 0, 40, 41]
     assert np.array_equal(copy.read_arrays(pos)["images"], ds.read_arrays(pos)["images"])
+
+
+def test_inference_keeps_no_view_of_a_batch():
+    """`_infer` copies labels and indices out of each batch: a view would keep the batch's whole block alive (in a
+    DataLoader worker's ring slot, the slot itself), so a long evaluation would hold every batch it has read."""
+    import gc
+    import weakref
+
+    freed: set[int] = set()
+    held_late: list[int] = []
+
+    def batches():  # each batch's tensors are views of one block, as `medpipe.training.batches` makes them
+        for k in range(6):
+            gc.collect()
+            held_late.extend(j for j in range(k - 1) if j not in freed)  # the loop may still hold batch k - 1
+            block = np.zeros(64 + 4 + 4, np.int32)
+            weakref.finalize(block, freed.add, k)
+            yield {"image": torch.from_numpy(block[:64].view(np.float32)).view(4, 1, 4, 4),
+                   "label": torch.from_numpy(block[64:68]), "index": torch.from_numpy(block[68:72])}
+            del block
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    result = engine._infer(model, batches(), Task.classify, torch.device("cpu"), None, None)  # type: ignore[arg-type]
+    assert held_late == [] and result["indices"].shape == (24,) and result["y_true"].shape == (24,)

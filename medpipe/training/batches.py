@@ -8,16 +8,16 @@ create the segment, ~3 ms to fault its pages in, ~2.5 ms per descriptor, against
 So each worker writes its batches into a ring of `RING_SLOTS` shared slots created once (its descriptor travels
 with the first batch only); the main process reads a batch in place, as tensor views of its slot, and the slot is
 marked free when the last of those tensors is gone (copying each batch out, ~0.4 ms per 4 MiB, took a core's time
-from the workers on a 2-core machine). A worker that finds every slot still held for `SLOT_WAIT_S` (the consumer
-keeps many batches alive) sends that batch as one fresh shared block, as it does when /dev/shm cannot hold a ring
-(one descriptor per batch instead of one per tensor).
+from the workers on a 2-core machine). A consumer keeps at most a few batches alive (the DataLoader's prefetch plus
+the batch in use), so a worker that finds every slot still held — a consumer that keeps batches or views of them —
+does not wait: it sends that batch as one fresh shared block, as it does when /dev/shm cannot hold a ring (one
+descriptor per batch instead of one per tensor). Keep copies, not views, of what outlives a batch (`predict` does).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 import weakref
 from typing import Any
@@ -27,7 +27,6 @@ import torch
 
 ALIGN = 64  # bytes; every array starts on a cache line (and on its element size)
 RING_SLOTS = 8  # > the DataLoader's prefetch per worker (default 2) plus the batch being written
-SLOT_WAIT_S = 1.0  # a worker waits this long for a free slot before sending its batch as a fresh block
 SHM_DIR = "/dev/shm"
 SHM_HEADROOM = 256 << 20  # left free in /dev/shm for the DataLoader's own batch transfers
 
@@ -60,17 +59,13 @@ class _Ring:
         self.sent = False  # whether the main process has been sent the ring's descriptor
 
     def acquire(self) -> int:
-        """A free slot, marked in use; -1 when the main process still holds all of them after SLOT_WAIT_S."""
-        deadline = time.monotonic() + SLOT_WAIT_S
-        while True:
-            free = torch.nonzero(self.states == 0)
-            if free.numel():
-                slot = int(free[0, 0])
-                self.states[slot] = 1
-                return slot
-            if time.monotonic() > deadline:
-                return -1
-            time.sleep(0.0005)
+        """A free slot, marked in use; -1 when the main process still holds all of them."""
+        free = torch.nonzero(self.states == 0)
+        if not free.numel():
+            return -1
+        slot = int(free[0, 0])
+        self.states[slot] = 1
+        return slot
 
     def release(self, slot: int) -> None:
         """Mark a slot free (its batch was not sent after all)."""

@@ -301,13 +301,13 @@ def _infer(model: nn.Module, loader: DataLoader, task: Task, device: torch.devic
             probs.append(torch.softmax(out, dim=1).cpu().numpy())
         elif task is Task.forecast:
             preds.append(out.cpu().numpy())
-            trues.append(y.cpu().numpy())
+            trues.append(y.cpu().numpy().copy())  # on the CPU y may be a view of the batch: keep a copy, not it
         else:
             preds.append(out.argmax(dim=1, keepdim=True).to(torch.uint8).cpu().numpy())
             trues.append(y.to(torch.uint8).cpu().numpy())
-        if "label" in batch:
-            labels.append(batch["label"].numpy())
-        indices.append(np.asarray(batch["index"]))
+        if "label" in batch:  # copies: a view would keep the whole batch block (a worker's ring slot) alive
+            labels.append(batch["label"].numpy().copy())
+        indices.append(np.array(batch["index"]))
     result: dict[str, Any] = {
         "task": task,
         "indices": np.concatenate(indices) if indices else np.zeros(0, np.int64),

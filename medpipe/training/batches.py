@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 ALIGN = 64  # bytes; every array starts on a cache line (and on its element size)
-RING_SLOTS = 8  # > the DataLoader's prefetch per worker (default 2) plus the batch being written
+RING_SLOTS = 8  # > the DataLoader's prefetch per worker (default 2), the batch being written and those in use
 SHM_DIR = "/dev/shm"
 SHM_HEADROOM = 256 << 20  # left free in /dev/shm for the DataLoader's own batch transfers
 

@@ -284,3 +284,50 @@ def test_s3_source_and_store_give_the_local_store(ingested, moto_s3):
     assert s3_summary["content_hash"] == summary["content_hash"]
     assert signal_attrs("s3://medpipe-signals/signals.zarr")["content_hash"] == summary["content_hash"]
     assert not fs.exists("medpipe-signals/signals.zarr/work/signal-staging")
+
+
+def test_a_multi_segment_wfdb_record_is_one_record(deid_key, tmp_path):
+    """MIMIC-style multi-segment records (written by wfdb itself): the master header lists `rec1_0001`, `rec1_0002`;
+    the ingest reads them once, joined, not again as records of their own. A record that merely shares the stem
+    (`rec1_other`, not listed) stays a record; a variable-layout record with an 8 s gap is one `nan_run`."""
+    import wfdb
+
+    folder = tmp_path / "src" / "PT-MS-1"
+    folder.mkdir(parents=True)
+    parts = [_ecg_like(20.0, RATE, 2, seed) for seed in (11, 12)]
+    segments = []
+    for i, part in enumerate(parts, start=1):
+        _wfdb(folder, f"rec1_{i:04d}", part, RATE, ["patient: MS-1"])
+        segments.append(wfdb.rdrecord(str(folder / f"rec1_{i:04d}")))
+    wfdb.MultiRecord(segments=segments, layout="fixed", record_name="rec1", n_sig=2, fs=RATE,
+                     sig_len=sum(s.sig_len for s in segments), seg_name=[s.record_name for s in segments],
+                     seg_len=[s.sig_len for s in segments], comments=["patient: MS-1"]).wrheader(write_dir=str(folder))
+    _wfdb(folder, "rec1_other", _ecg_like(10.0, RATE, 2, 13), RATE, ["patient: MS-1"])
+    gap = tmp_path / "src" / "PT-MS-2"  # MIMIC's variable layout, written by hand as MIMIC's files read: 8 s missing
+    gap.mkdir()
+    for name in ("rec2_0001", "rec2_0002"):
+        _wfdb(gap, name, _ecg_like(20.0, RATE, 2, 14), RATE, [])
+    (gap / "rec2_layout.hea").write_text("rec2_layout 2 100 0\n~ 16 200/mV 16 0 0 0 0 I\n~ 16 200/mV 16 0 0 0 0 II\n")
+    (gap / "rec2.hea").write_text("rec2/4 2 100 4800\nrec2_layout 0\nrec2_0001 2000\n~ 800\nrec2_0002 2000\n"
+                                  "# patient: MS-2\n")
+    store = tmp_path / "ms.zarr"
+    summary = _ingest(tmp_path / "src", store, SignalIngestConfig(rate_hz=RATE, window_s=5.0, leads=["I", "II"]))
+    assert summary["counts"]["discovered"] == 3 and summary["counts"]["ingested"] == 2
+    assert summary["counts"]["windows"] == 8 + 2 and summary["counts"]["skipped_files"] == 0
+    quarantine = read_json(str(store), "reports/quarantine.json")
+    assert [(q["source_hash"], q["reason"]) for q in quarantine] == [
+        (Pseudonymizer(resolve_key()).path("PT-MS-2/rec2.hea"), "nan_run")]
+    table = read_window_table(str(store))
+    master = table["record"] == Pseudonymizer(resolve_key()).path("PT-MS-1/rec1.hea")
+    signals = zarr.open_group(str(store), mode="r")["signals"][...][master]
+    joined = np.concatenate(parts)[: 8 * 500].T.reshape(2, 8, 500).transpose(1, 0, 2)  # (windows, leads, T)
+    np.testing.assert_allclose(signals, joined, atol=0.01)  # 16-bit WFDB quantisation
+
+
+def test_wfdb_segment_names_from_a_header():
+    from medpipe.signals.readers import wfdb_segment_names
+
+    assert wfdb_segment_names("rec1/3 2 125 9000\nrec1_layout 0\n~ 500\nrec1_0001 8500\n# patient: x\n") == (
+        "rec1_layout", "rec1_0001")
+    assert wfdb_segment_names("100 2 360 650000\n100.dat 212 200 11 1024 995 -22131 0 MLII\n") is None
+    assert wfdb_segment_names("") is None and wfdb_segment_names("rec/x 2 125\n") is None

@@ -16,11 +16,11 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from medpipe.manifest import Manifest, check_references, load_manifest
 from medpipe.signals.config import SignalIngestConfig
 from medpipe.signals.leads import canonical_lead
 from medpipe.signals.quality import fill_short_gaps, signal_problem
-from medpipe.signals.readers import is_signal_file, read_signal
+from medpipe.signals.readers import is_signal_file, read_signal, wfdb_segment_names
 from medpipe.signals.records import SignalReadError, SignalRecord
 from medpipe.signals.signal_deid import DeidentifiedSignal, deidentify_record
 from medpipe.signals.store import (SIGNALS, SIGNALS_KIND, SignalStoreError, create_signal_array, finish_signal_store,
@@ -133,6 +133,32 @@ def record_files(paths: Sequence[str]) -> tuple[list[str], dict[str, list[str]],
     return records, companions, skipped
 
 
+def group_wfdb_segments(records: Sequence[str], companions: dict[str, list[str]],
+                        read_text: Callable[[str], str]) -> tuple[list[str], dict[str, list[str]]]:
+    """A multi-segment WFDB record (MIMIC's waveform records: a master header listing `<name>_0001`, ..., often
+    a `<name>_layout` segment) is one record, read joined by the WFDB reader: the headers and data of the segments
+    its master lists become the master's companions instead of records of their own, which would put every sample
+    in the store twice. Only headers that share their folder with another header named `<stem>_...` are read
+    (`read_text`, by relative path)."""
+    headers = [r for r in records if r.lower().endswith(".hea")]
+    stems: dict[str, list[str]] = defaultdict(list)
+    for header in headers:
+        folder, _, name = header.rpartition("/")
+        stems[folder].append(name[: -len(".hea")])
+    grouped = {r: list(c) for r, c in companions.items()}
+    for master in headers:
+        folder, _, name = master.rpartition("/")
+        stem = name[: -len(".hea")]
+        if master not in grouped or not any(other.startswith(f"{stem}_") for other in stems[folder]):
+            continue
+        segments = wfdb_segment_names(read_text(master))
+        for segment in segments or ():
+            header = f"{folder}/{segment}.hea" if folder else f"{segment}.hea"
+            if header != master and header in grouped:
+                grouped[master] += [header, *grouped.pop(header)]
+    return [r for r in records if r in grouped], grouped
+
+
 def _stem(path: str) -> str:
     p = PurePosixPath(path)
     return str(p.with_name(p.name.split(".", 1)[0]))
@@ -157,6 +183,8 @@ def prepare_signal_ingest(source: str, store: str, config: SignalIngestConfig, k
     listing = discover_files(source, exclude=exclude, store=store)
     check_references(manifest, set(listing.paths), pseudonyms.path)
     records, companions, skipped = record_files(listing.paths)
+    records, companions = group_wfdb_segments(records, companions,
+                                              lambda rel: fs.cat_file(f"{root}/{rel}").decode("latin-1"))
     if config.manifest_only:
         listed = [r for r in records if r in manifest.rows]
         skipped += sum(1 + len(companions[r]) for r in records if r not in manifest.rows)

@@ -146,6 +146,19 @@ def _wfdb_record_line(header_path: Path) -> int | None:
     raise SignalReadError("unreadable_header", "the header has no record line")
 
 
+def wfdb_segment_names(header_text: str) -> tuple[str, ...] | None:
+    """The segment records a multi-segment WFDB header lists (its record line reads `name/n_segments ...`, the next
+    n lines `segment_name length`; "~" marks a gap, not a file); None for a single-segment header or one whose
+    record line cannot be read (the reader reports that when it reads the record)."""
+    lines = [tokens for tokens in (line.split("#", 1)[0].split() for line in header_text.splitlines()) if tokens]
+    if not lines or "/" not in lines[0][0]:
+        return None
+    count = lines[0][0].split("/", 1)[1]
+    if not count.isdigit():
+        return None
+    return tuple(tokens[0] for tokens in lines[1 : 1 + int(count)] if tokens[0] != "~")
+
+
 def _wfdb_annotations(record_name: str, folder: Path, stem: str) -> tuple[Annotation, ...]:
     import wfdb
 

@@ -17,6 +17,8 @@ import pydicom
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+from medpipe.ingest.discover import is_local_fs
+
 from .acquisitions import Acquisition, clean_image_type, frame_acquisitions
 from .base import QuarantineReason, UnreadableFile, infrastructure_guard, raise_if_infrastructure
 from .dicom import PIXEL_TAGS, check_dataset_size, get_float, get_floats, parse_dicom
@@ -126,7 +128,7 @@ def _open_for_probe(path: str, fs: fsspec.AbstractFileSystem) -> BinaryIO:
     """The file for a header probe: a local file opened directly (fsspec's local file object forwards every read,
     seek and tell through Python, and pydicom makes ~100 of each per header: 0.72 -> 0.64 ms per CT slice); other
     stores with small blocks (a probe needs a few KB; object stores would otherwise fetch 5 MB per file)."""
-    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+    if is_local_fs(fs):
         return open(fs._strip_protocol(path), "rb", buffering=_LOCAL_BUFFER)
     return fs.open(path, "rb", block_size=_PROBE_BLOCK)  # type: ignore[no-any-return]
 

@@ -10,10 +10,11 @@
   flow_vs_bare_dask                  the Prefect flow vs the same `run_ingest_steps` on bare Dask over the small 2D
                                      files, both on one warm 2-worker cluster: Prefect API server start, cluster start
                                      and first imports in the workers (paid once by a long-lived process) excluded
-  store_vs_source_ct                 store bytes / source bytes of a CT store (uncompressed DICOM): of the real CT
-                                     series under --real-ct DIR when given (e.g. the `In` folder of
-                                     github.com/neurolabusc/dcm_qa_ct), else of the generated CT, whose white noise
-                                     no lossless codec can shrink (`store_vs_source_ct_synthetic`, always printed)
+  store_vs_source_ct                 store bytes / source bytes of a CT store (uncompressed DICOM) of real CT: the
+                                     GE head CT of github.com/neurolabusc/dcm_qa_ct shipped in tests/data, or the
+                                     series under --real-ct DIR (e.g. that repository's whole `In` folder); the
+                                     generated CT, whose white noise no lossless codec can shrink, is printed beside
+                                     it (`store_vs_source_ct_synthetic`)
   store_vs_source_2d                 store bytes / source bytes of a 2D store with float16 training arrays, on 8-bit
                                      PNG tiles of scikit-image's sample images; the demo's synthetic (noisy) 2D files
                                      are printed beside it (`store_vs_source_2d_demo`)
@@ -50,9 +51,8 @@ from benchmarks._common import (OneLineArgumentParser, best_time, folder_bytes, 
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig  # noqa: E402
 from medpipe.deid import resolve_key  # noqa: E402
 from medpipe.demo import DemoSpec, generate_demo_dataset  # noqa: E402
-from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock  # noqa: E402
-from medpipe.ingest.pipeline import (Driver, Mapper, direct_driver, prepare_ingest, run_ingest_steps,  # noqa: E402
-                                     serial_mapper)
+from tests.dicom_corpus import unpack_ge_ct  # noqa: E402
+from medpipe.ingest.pipeline import Driver, Mapper, direct_driver, ingest_in_process, serial_mapper  # noqa: E402
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -164,15 +164,8 @@ class StepTimes:
 
 def ingest(source: Path, store: Path, config: IngestConfig, mapper: Mapper = serial_mapper,
            driver: Driver = direct_driver) -> dict[str, Any]:
-    """`prepare_ingest` + `run_ingest_steps` of SOURCE into STORE, holding the store's lock as the flow does."""
-    key = resolve_key()
-    run_id = new_run_id()
-    acquire_lock(str(store), run_id)
-    try:
-        run = driver("prepare", prepare_ingest, str(source), str(store), config, key, run_id)
-        return run_ingest_steps(run, key, mapper, driver)
-    finally:
-        release_lock(str(store), run_id)
+    """The whole ingest of SOURCE into STORE in this process, holding the store's lock as the flow does."""
+    return ingest_in_process(str(source), str(store), config, resolve_key(), mapper, driver)
 
 
 def dask_mapper(client: Client, workers: list[str] | None = None) -> Mapper:
@@ -269,6 +262,7 @@ class Sources:
     small: Path
     warmup: Path
     tiles: Path
+    real_ct: Path
     ct_config: IngestConfig
     small_config: IngestConfig
 
@@ -284,11 +278,12 @@ def make_sources(out: Path, args: argparse.Namespace) -> Sources:
     warmup = demo_source(out / "warmup-source", DemoSpec(patients=2, studies_per_patient=1, xray_per_study=2,
                                                          png_per_study=2, ct_series_per_study=0, image_size=64))
     tiles = cached_source(out / f"tiles-source-{TILE}-{args.tiles or 'all'}", lambda f: write_tiles(f, args.tiles))
+    real_ct = args.real_ct or cached_source(out / "real-ct-dcm_qa_ct-GE", unpack_ge_ct)
     ct_config = IngestConfig(files_per_shard=slices, workers=WORKERS,  # one series per task
                              preprocess=PreprocessConfig(kind="3d", shape=(slices, size // 2, size // 2)))
     small_config = IngestConfig(files_per_shard=256, classes=CLASSES, workers=WORKERS,
                                 store=StoreConfig(training_dtype="float16"))
-    return Sources(ct, small, warmup, tiles, ct_config, small_config)
+    return Sources(ct, small, warmup, tiles, real_ct, ct_config, small_config)
 
 
 def measure_one_worker(src: Sources, out: Path, repeats: int, fig: dict[str, float]) -> list[str]:
@@ -366,22 +361,18 @@ def measure_cluster(src: Sources, out: Path, repeats: int, fig: dict[str, float]
                        f"{WORKERS}-worker cluster; Prefect server and cluster start excluded")]
 
 
-def measure_sizes(src: Sources, out: Path, fig: dict[str, float], real_ct: Path | None) -> list[str]:
-    """store_vs_source_ct (real CT ingested here when given, else the serial store of the generated CT),
-    store_vs_source_ct_synthetic (the generated CT), store_vs_source_2d (PNG tiles, ingested here) and
-    store_vs_source_2d_demo (the flow's store of the demo's 2D files); returns the printed lines."""
-    tiles = out / "tiles.zarr"
-    fresh(tiles)()
-    ingest(src.tiles, tiles, src.small_config)
+def measure_sizes(src: Sources, out: Path, fig: dict[str, float]) -> list[str]:
+    """store_vs_source_ct (the real CT, ingested here), store_vs_source_ct_synthetic (the serial store of the
+    generated CT), store_vs_source_2d (PNG tiles, ingested here) and store_vs_source_2d_demo (the flow's store of
+    the demo's 2D files); returns the printed lines."""
+    tiles, real_ct = out / "tiles.zarr", out / "real-ct.zarr"
+    for source, store, config in ((src.tiles, tiles, src.small_config), (src.real_ct, real_ct, src.ct_config)):
+        fresh(store)()
+        ingest(source, store, config)
     shape = "x".join(map(str, src.ct_config.preprocess.shape))
-    synthetic = ("generated CT (white noise)", src.ct, out / "ct-1.zarr")
-    ct_what, ct_source, ct_store = synthetic
-    if real_ct is not None:
-        ct_what, ct_source, ct_store = f"real CT in {real_ct.name}/", real_ct, out / "real-ct.zarr"
-        fresh(ct_store)()
-        ingest(real_ct, ct_store, src.ct_config)
-    measured = (("store_vs_source_ct", "<= 0.6", ct_source, ct_store, f"{ct_what}, 3D, patches {shape}"),
-                ("store_vs_source_ct_synthetic", "-", synthetic[1], synthetic[2], f"{synthetic[0]}, 3D"),
+    measured = (("store_vs_source_ct", "<= 0.6", src.real_ct, real_ct,
+                 f"real CT in {src.real_ct.name}/, 3D, patches {shape}"),
+                ("store_vs_source_ct_synthetic", "-", src.ct, out / "ct-1.zarr", "generated CT (white noise), 3D"),
                 ("store_vs_source_2d", "<= 1.0", src.tiles, tiles,
                  f"{TILE}x{TILE} 8-bit PNG tiles of skimage samples, float16 training"),
                 ("store_vs_source_2d_demo", "-", src.small, out / "small-flow.zarr",
@@ -403,7 +394,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small-files", type=int, default=10_000, help="small 2D files for flow_vs_bare_dask")
     parser.add_argument("--tiles", type=int, default=None, help="at most this many PNG tiles (default: all, ~350)")
     parser.add_argument("--real-ct", type=Path, default=None,
-                        help="folder of real CT series for store_vs_source_ct (default: the generated CT)")
+                        help="folder of real CT series for store_vs_source_ct (default: dcm_qa_ct's GE head CT, "
+                             "tests/data/dcm_qa_ct)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side (the best counts)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object of all figures")
     args = parser.parse_args()
@@ -413,6 +405,7 @@ def parse_args() -> argparse.Namespace:
                      "--ct-slices >= 4")
     if args.real_ct is not None and not args.real_ct.is_dir():
         parser.error(f"--real-ct is not a folder: {args.real_ct}")
+    args.real_ct = args.real_ct and args.real_ct.resolve()
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out is not a folder: {args.out}")
     return args
@@ -432,7 +425,7 @@ def main() -> None:
     lines = measure_one_worker(src, out, args.repeats, fig)
     note("serial runs done")
     lines += measure_cluster(src, out, args.repeats, fig)
-    lines += measure_sizes(src, out, fig, args.real_ct and args.real_ct.resolve())
+    lines += measure_sizes(src, out, fig)
     print("\n".join(lines), flush=True)
     note("deleting earlier stores")
     empty_trash(out)

@@ -1,4 +1,5 @@
-"""Real DICOM files for tests: pydicom's own test corpus, with an oracle computed by plain pydicom (no medpipe).
+"""Real DICOM files for tests: pydicom's own test corpus, with an oracle computed by plain pydicom (no medpipe), and
+a real CT series (the GE head CT of dcm_qa_ct, tests/data/dcm_qa_ct, BSD-2).
 
 With the optional ``pydicom-data`` package installed, ``get_testdata_files()`` also lists its 68 larger files
 (offline, from the installed wheel).
@@ -7,12 +8,14 @@ With the optional ``pydicom-data`` package installed, ``get_testdata_files()`` a
 from __future__ import annotations
 
 import shutil
+import tarfile
 import warnings
 from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_files
 
+GE_CT_TARBALL = Path(__file__).parent / "data" / "dcm_qa_ct" / "GE.tar.xz"
 _NOT_DICOM_SUFFIXES = (".dump", ".json", ".txt", ".gz", ".icc", ".py", ".pyc", ".bz2", ".zip", ".xml", ".png")
 
 
@@ -53,3 +56,10 @@ def copy_pydicom_corpus(dest: Path) -> dict:
                 not_decodable.append(name)
     return {"files": len(names), "names": names, "decodable": decodable, "decodable_files": decodable_files,
             "not_decodable": not_decodable}
+
+
+def unpack_ge_ct(folder: Path) -> Path:
+    """The 28 files of dcm_qa_ct's GE head CT (tests/data/dcm_qa_ct/README.md) under FOLDER/GE; returns that folder."""
+    with tarfile.open(GE_CT_TARBALL) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "GE"

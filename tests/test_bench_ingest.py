@@ -40,6 +40,8 @@ def test_tiny_benchmark_reports_every_figure(tmp_path: Path) -> None:
         assert isinstance(figures[name], (int, float)) and math.isfinite(figures[name]) and figures[name] > 0, name
         assert any(line.startswith(name) for line in lines[:-1]), f"no printed line for {name}"
     assert figures["small_files"] == 100
+    ct_line = next(line for line in lines if line.startswith("store_vs_source_ct "))
+    assert "real CT in real-ct-dcm_qa_ct-GE/" in ct_line  # dcm_qa_ct's GE series from tests/data, not the generated CT
     # the generated sources are cached under --out, finished ones only
     assert not list(out.glob("*.partial"))
     tile_source = out / f"tiles-source-128-{tiles}"

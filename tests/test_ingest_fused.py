@@ -16,7 +16,6 @@ from medpipe.ingest import pipeline
 from medpipe.ingest.finalize import verify_store
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.ingest.volume_cases import case_geometry
-from medpipe.ingest.lock import acquire_lock, new_run_id, release_lock
 from medpipe.store import (attrs_of, get_array, get_group, open_store, read_archive_image, read_json,
                            read_sample_table)
 from medpipe.volumes import open_case, to_stored
@@ -30,14 +29,7 @@ CONFIGS = {
 
 
 def _ingest(source: str, store: str, config: IngestConfig) -> dict:
-    key = resolve_key()
-    run_id = new_run_id()
-    acquire_lock(store, run_id)
-    try:
-        run = pipeline.prepare_ingest(source, store, config, key, run_id)
-        return pipeline.run_ingest_steps(run, key)
-    finally:
-        release_lock(store, run_id)
+    return pipeline.ingest_in_process(source, store, config, resolve_key())
 
 
 def _from_archive(run, plan, scans):  # the samples-after-archiving path, for every kind

@@ -26,7 +26,7 @@ from medpipe.fingerprint import compute_fingerprint
 from medpipe.ingest.archive import READER_RULES_VERSION, run_tag, unit_input_tag
 from medpipe.ingest.discover import SourceListing, discover_files, make_shards, source_fs
 from medpipe.ingest.finalize import account, finalize_store, verify_store
-from medpipe.ingest.lock import check_lock
+from medpipe.ingest.lock import acquire_lock, check_lock, new_run_id, release_lock
 from medpipe.ingest.duplicates import pixel_digests
 from medpipe.ingest.mask_check import AssembleResult
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, ScanRecord, Unit, UnitKind
@@ -352,3 +352,16 @@ def run_ingest_steps(run: IngestRun, key: DeidKey, mapper: Mapper = serial_mappe
         # in order: the normalising step's digests replace those of the samples it rewrote
         assembled = [s.assembled for s in shards] + [AssembleResult(failures=missing)] + normalized
     return driver("finalize", finish_ingest, run, plan, outcome, layout, fingerprint, key, assembled)
+
+
+def ingest_in_process(source: str, store: str, config: IngestConfig, key: DeidKey, mapper: Mapper = serial_mapper,
+                      driver: Driver = direct_driver) -> dict[str, Any]:
+    """The whole ingest of SOURCE into STORE without an orchestrator: `prepare_ingest` + `run_ingest_steps` holding
+    the store's lock as the flow does (benchmarks, tests, notebooks); returns the store summary."""
+    run_id = new_run_id()
+    acquire_lock(store, run_id)
+    try:
+        run = driver("prepare", prepare_ingest, source, store, config, key, run_id)
+        return run_ingest_steps(run, key, mapper, driver)
+    finally:
+        release_lock(store, run_id)

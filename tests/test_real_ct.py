@@ -1,0 +1,95 @@
+"""A real CT series through the ingest: the GE head CT of dcm_qa_ct (tests/data/dcm_qa_ct, BSD-2), with a gantry tilt
+of 18.5 deg and two slice spacings in one series (4.22 mm, then 7.38 mm).
+
+Oracles that are not medpipe: pydicom's decode of each file (pixels), the DICOM standard's pixel-position equation
+(PS3.3 C.7.6.2.1.1) from each file's own ImagePositionPatient / ImageOrientationPatient / PixelSpacing (geometry),
+and the source's intensity distribution (training volumes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import zarr
+
+from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.deid import resolve_key
+from medpipe.ingest.pipeline import ingest_in_process
+from medpipe.store import open_store, read_json
+from tests.dicom_corpus import unpack_ge_ct
+from tests.phi_scan import store_text
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def real_ct(deid_key_module, tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-ct")
+    source = unpack_ge_ct(root)
+    store = root / "ct.zarr"
+    config = IngestConfig(files_per_shard=28, preprocess=PreprocessConfig(kind="3d", shape=(16, 64, 64)))
+    summary = ingest_in_process(str(source), str(store), config, resolve_key())
+    files = sorted(source.iterdir())
+    headers = [pydicom.dcmread(f) for f in files]
+    order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])  # the table moves along z
+    return store, summary, [headers[i] for i in order]
+
+
+def _units(store: Path) -> list[dict]:
+    archive = open_store(str(store))["archive"]
+    return sorted((dict(group.attrs)["medpipe"] for _, group in archive.groups()), key=lambda u: u["affine"][2][3])
+
+
+def _world(header: pydicom.Dataset, row: int, col: int) -> np.ndarray:
+    """RAS position (mm) of pixel (row, col) of a slice: PS3.3 C.7.6.2.1.1, then LPS -> RAS."""
+    ipp = np.array(header.ImagePositionPatient, float)
+    iop = np.array(header.ImageOrientationPatient, float)
+    dr, dc = (float(v) for v in header.PixelSpacing)  # row spacing (between rows), column spacing
+    return LPS_TO_RAS @ (ipp + iop[:3] * dc * col + iop[3:] * dr * row)
+
+
+def test_every_file_is_ingested_and_the_series_splits_at_its_spacing_change(real_ct):
+    store, summary, headers = real_ct
+    counts = summary["counts"]
+    assert counts["discovered"] == 28 == counts["ingested"] and counts["quarantined"] == 0
+    assert read_json(str(store), "reports/quarantine.json") == []
+    units = _units(store)
+    assert [u["shape"] for u in units] == [[1, 14, 512, 512], [1, 14, 512, 512]]
+    assert all(any("gantry tilt 18.5 deg" in n for n in u["notes"]) for u in units)
+    thickness = [float(h.SliceThickness) for h in headers]
+    assert thickness == [4.0] * 14 + [7.0] * 14
+
+
+def test_archive_pixels_are_pydicoms_and_the_affine_is_each_files_own_geometry(real_ct):
+    store, _, headers = real_ct
+    archive = open_store(str(store))["archive"]
+    for part, unit in enumerate(_units(store)):
+        pixels = np.asarray(archive[unit["id"]]["0"][...])[0]
+        affine = np.array(unit["affine"])
+        for k, header in enumerate(headers[14 * part:14 * (part + 1)]):
+            np.testing.assert_array_equal(pixels[k], header.pixel_array)
+            for row, col in ((0, 0), (0, 511), (511, 0), (511, 511)):  # voxel index order in the affine: x, y, z
+                np.testing.assert_allclose(affine @ [col, row, k, 1.0], [*_world(header, row, col), 1.0], atol=1e-3)
+
+
+def test_training_volumes_keep_the_sources_hounsfield_distribution(real_ct):
+    store, _, headers = real_ct
+    source = np.stack([h.pixel_array * float(h.RescaleSlope) + float(h.RescaleIntercept) for h in headers])
+    volumes = zarr.open_group(str(store / "training" / "volumes"), mode="r")
+    cases = sorted(volumes.group_keys())
+    training = np.concatenate([np.asarray(volumes[case]["image"][...]).ravel() for case in cases])
+    assert training.dtype == np.int16 and len(cases) == 2
+    assert abs(np.median(training) - np.median(source)) <= 5  # HU, after resampling to the planned spacing
+    assert abs((training < -900).mean() - (source < -900).mean()) < 0.02  # air
+    assert abs((training > 300).mean() - (source > 300).mean()) < 0.01  # bone
+
+
+def test_no_identifier_of_the_source_reaches_the_store(real_ct):
+    store, _, headers = real_ct
+    text = store_text(store)
+    identifiers = {str(headers[0].PatientID), str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID),
+                   str(headers[0].FrameOfReferenceUID), *(str(h.SOPInstanceUID) for h in headers)}
+    assert identifiers and not [value for value in identifiers if value in text]

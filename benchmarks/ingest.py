@@ -15,9 +15,10 @@
                                      series under --real-ct DIR (e.g. that repository's whole `In` folder); the
                                      generated CT, whose white noise no lossless codec can shrink, is printed beside
                                      it (`store_vs_source_ct_synthetic`)
-  store_vs_source_2d                 store bytes / source bytes of a 2D store with float16 training arrays, on 8-bit
-                                     PNG tiles of scikit-image's sample images; the demo's synthetic (noisy) 2D files
-                                     are printed beside it (`store_vs_source_2d_demo`)
+  store_vs_source_2d                 store bytes / source bytes of a 2D store with uint8 training images (the
+                                     smallest dtype, made for 8-bit sources), on 8-bit PNG tiles of scikit-image's
+                                     sample images; beside it the same with float16 (`store_vs_source_2d_float16`)
+                                     and the demo's synthetic (noisy) 2D files, float16 (`store_vs_source_2d_demo`)
 
 All ingests run `prepare_ingest` + `run_ingest_steps` (the flow runs exactly these steps), holding the store's lock.
 Generated sources are cached under --out, so a rerun skips generation. With --json the last stdout line is one JSON
@@ -363,17 +364,23 @@ def measure_cluster(src: Sources, out: Path, repeats: int, fig: dict[str, float]
 
 def measure_sizes(src: Sources, out: Path, fig: dict[str, float]) -> list[str]:
     """store_vs_source_ct (the real CT, ingested here), store_vs_source_ct_synthetic (the serial store of the
-    generated CT), store_vs_source_2d (PNG tiles, ingested here) and store_vs_source_2d_demo (the flow's store of
-    the demo's 2D files); returns the printed lines."""
-    tiles, real_ct = out / "tiles.zarr", out / "real-ct.zarr"
-    for source, store, config in ((src.tiles, tiles, src.small_config), (src.real_ct, real_ct, src.ct_config)):
+    generated CT), store_vs_source_2d and store_vs_source_2d_float16 (PNG tiles, ingested here with uint8 and
+    float16 training images) and store_vs_source_2d_demo (the flow's store of the demo's 2D files); returns the printed
+    lines."""
+    tiles, tiles_uint8, real_ct = out / "tiles.zarr", out / "tiles-uint8.zarr", out / "real-ct.zarr"
+    uint8 = src.small_config.model_copy(update={"store": src.small_config.store.model_copy(
+        update={"training_dtype": "uint8"})})
+    for source, store, config in ((src.tiles, tiles, src.small_config), (src.tiles, tiles_uint8, uint8),
+                                  (src.real_ct, real_ct, src.ct_config)):
         fresh(store)()
         ingest(source, store, config)
     shape = "x".join(map(str, src.ct_config.preprocess.shape))
     measured = (("store_vs_source_ct", "<= 0.6", src.real_ct, real_ct,
                  f"real CT in {src.real_ct.name}/, 3D, patches {shape}"),
                 ("store_vs_source_ct_synthetic", "-", src.ct, out / "ct-1.zarr", "generated CT (white noise), 3D"),
-                ("store_vs_source_2d", "<= 1.0", src.tiles, tiles,
+                ("store_vs_source_2d", "<= 1.0", src.tiles, tiles_uint8,
+                 f"{TILE}x{TILE} 8-bit PNG tiles of skimage samples, uint8 training"),
+                ("store_vs_source_2d_float16", "-", src.tiles, tiles,
                  f"{TILE}x{TILE} 8-bit PNG tiles of skimage samples, float16 training"),
                 ("store_vs_source_2d_demo", "-", src.small, out / "small-flow.zarr",
                  "demo 2D files (synthetic noise), float16 training"))

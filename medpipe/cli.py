@@ -211,8 +211,9 @@ def ingest(
     scheduler: Optional[str] = SCHEDULER_OPTION,
     files_per_shard: Optional[int] = typer.Option(None, help="files per parallel work unit"),
     codec: Optional[str] = typer.Option(None, help="training arrays' codec: zstd, lz4 or none"),
-    training_dtype: Optional[str] = typer.Option(None, help="training arrays: float32 (default) or float16 (half "
-                                                 "the bytes; see docs/benchmarks.md for its cost on the demo)"),
+    training_dtype: Optional[str] = typer.Option(None, help="training arrays: float32 (default), float16 (half "
+                                                 "the bytes) or uint8 (a quarter; 2D stores without CT/MR, steps "
+                                                 "of 1/255); docs/benchmarks.md gives their cost on the demo"),
     archive_codec: Optional[str] = typer.Option(None, help="archive codec: auto (JPEG-LS for integer images), "
                                                 "jpegls, zstd, lz4 or none (all lossless)"),
     key_secret: Optional[str] = KEY_SECRET_OPTION,

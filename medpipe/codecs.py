@@ -4,7 +4,9 @@ Layers and what "auto" picks (all lossless):
     archive          integer images of <= 16 bits: JPEG-LS, frame by frame (medpipe.jpegls, below);
                      other dtypes (float32 NIfTI, int32): Blosc zstd, byte shuffle, `archive_level`
     archive_mask     Blosc zstd, bit shuffle (beats JPEG-LS on label maps and is ~10x faster)
-    training_images  Blosc `codec`/`level`, byte shuffle, in `training_dtype` (float32 or float16)
+    training_images  Blosc `codec`/`level`, byte shuffle, in `training_dtype` (float32 or float16); uint8: float32
+                     arrays packed to 8-bit steps of 1/255 by numcodecs' FixedScaleOffset, then Blosc with bit
+                     shuffle (`training_images_chain`)
     training_masks   Blosc `codec`/`level`, bit shuffle
     volume_image     as training_images
     volume_mask      as training_masks
@@ -17,6 +19,7 @@ compressors). JPEG-LS is not a zarr v3 core codec: importing this module (medpip
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -24,10 +27,13 @@ import imagecodecs
 import numpy as np
 import zarr
 import zarr.codecs as zc
+import numcodecs
+from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
+from zarr.errors import ZarrUserWarning
 from zarr.registry import register_codec
 
 from medpipe.config import StoreConfig
@@ -159,10 +165,55 @@ def codec_chain(layer: Layer, config: StoreConfig, dtype: np.dtype[Any] | str | 
     return {"serializer": "auto", "compressors": _blosc_chain(config.codec, config.level), "config": WRITE_CONFIG}
 
 
+# training_dtype uint8: intensities scaled to 0..1 are stored as round(255 x), uint8, and read back as k / 255 in
+# float32 by zarr itself (numcodecs' FixedScaleOffset; every reader gets float32 without knowing). The error is at
+# most 1/510: half a grey level of an 8-bit source.
+UINT8_SCALE = 255
+UINT8_RANGE = (0.0, 1.0)
+# numcodecs codecs are not in the zarr v3 spec, and zarr says so each time it opens such an array (every DataLoader
+# worker, every read); they are read by any zarr-python with numcodecs, which is what medpipe stores promise.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification",
+                        category=ZarrUserWarning)
+
+
+class PackingError(ValueError):
+    """Values that a packed (uint8) training array cannot hold: they would wrap around."""
+
+
+def training_images_chain(config: StoreConfig) -> tuple[np.dtype[Any], dict[str, Any]]:
+    """(dtype of the training/images array, zarr `create_array` keyword arguments). A packed (uint8) array's dtype
+    is float32: its chunks are sized as float32 ones, since a reader holds them decoded (the loader's chunk cache)."""
+    if config.training_dtype != "uint8":
+        dt = np.dtype(config.training_dtype)
+        return dt, codec_chain("training_images", config, dt)
+    packing = FixedScaleOffset(offset=0, scale=UINT8_SCALE, dtype="<f4", astype="u1")
+    compressors = () if config.codec == "none" else (zc.BloscCodec(
+        cname="lz4" if config.codec == "lz4" else "zstd", clevel=config.level, shuffle="bitshuffle", typesize=1),)
+    return np.dtype(np.float32), {"filters": (packing,), "serializer": "auto", "compressors": compressors,
+                                  "config": WRITE_CONFIG}
+
+
+def as_stored(array: zarr.Array, values: np.ndarray) -> np.ndarray:
+    """`values` as `array` will hold them once written: cast to its dtype, and through its FixedScaleOffset packing
+    when it has one (raises PackingError for values outside what the packing holds, instead of a silent wrap)."""
+    values = values.astype(array.dtype, copy=False)
+    packing = [f for f in array.filters if isinstance(f, FixedScaleOffset)]
+    if not packing or values.size == 0:
+        return values
+    codec = numcodecs.get_codec(dict(packing[0].codec_config))
+    info = np.iinfo(np.dtype(codec.astype))
+    lo, hi = (info.min - 0.5) / codec.scale + codec.offset, (info.max + 0.5) / codec.scale + codec.offset
+    if not (np.all(np.isfinite(values)) and float(values.min()) >= lo and float(values.max()) < hi):
+        raise PackingError(f"training_dtype uint8 holds intensities in {UINT8_RANGE[0]:g}..{UINT8_RANGE[1]:g}; "
+                           f"these span {float(np.nanmin(values)):.3g}..{float(np.nanmax(values)):.3g}")
+    return np.asarray(codec.decode(codec.encode(values)), dtype=array.dtype).reshape(values.shape)
+
+
 def for_writing(array: zarr.Array) -> zarr.Array:
     """`array` (opened from the store) with the write config `codec_chain` gives new arrays."""
     return array.with_config(WRITE_CONFIG)
 
 
-__all__ = ["JPEGLS_NAME", "LAYERS", "CodecError", "JpegLsCodec", "Layer", "WRITE_CONFIG", "blosc", "codec_chain",
-           "decode_frames", "encode_frames", "for_writing", "jpegls_supports"]
+__all__ = ["JPEGLS_NAME", "LAYERS", "UINT8_RANGE", "UINT8_SCALE", "CodecError", "JpegLsCodec", "Layer", "PackingError",
+           "WRITE_CONFIG", "as_stored", "blosc", "codec_chain", "decode_frames", "encode_frames", "for_writing",
+           "jpegls_supports", "training_images_chain"]

@@ -73,15 +73,18 @@ class PreprocessConfig(_Section):
 class StoreConfig(_Section):
     """Chunking and compression of the training arrays and archive."""
 
-    chunk_bytes: int = Field(default=4 << 20, ge=1 << 12, description="target bytes of one training chunk")
+    chunk_bytes: int = Field(default=4 << 20, ge=1 << 12, description="target bytes of one training chunk (decoded: "
+                             "uint8 images count as the float32 they are read as)")
     chunks_per_shard: int = Field(default=16, ge=1)
     codec: Literal["zstd", "lz4", "none"] = Field(
         default="zstd", description="Blosc compressor of the training arrays (fixed and volumes layouts)")
     level: int = Field(default=1, ge=0, le=9, description="Blosc level of the training arrays; 1 measured fastest "
                        "at ~equal ratio (docs/benchmarks.md)")
-    training_dtype: Literal["float32", "float16"] = Field(
+    training_dtype: Literal["float32", "float16", "uint8"] = Field(
         default="float32", description="dtype of the training images: float16 halves their bytes (normalised "
-        "intensities keep ~3 significant digits); zarr 3 has no bfloat16 data type, so bfloat16 is not offered")
+        "intensities keep ~3 significant digits); uint8 quarters them (2D stores whose images are scaled to 0..1, "
+        "i.e. not CT or MR: steps of 1/255, at most half a grey level of an 8-bit source; read back as float32); "
+        "zarr 3 has no bfloat16 data type, so bfloat16 is not offered")
     archive_codec: Literal["auto", "jpegls", "zstd", "lz4", "none"] = Field(
         default="auto", description="lossless codec of the archive images: auto = the measured choice per dtype "
         "(JPEG-LS for 8/16-bit integer images, Blosc zstd otherwise and for masks; medpipe/codecs.py)")
@@ -131,6 +134,13 @@ class IngestConfig(_Section):
         "the path name the patient (1 for PATIENT/study/file); None = auto (see docs/store.md)")
     workers: int = Field(default=2, ge=1, description="LocalCluster workers when no scheduler is given")
     scheduler: str | None = Field(default=None, description="address of an existing Dask scheduler, tcp://host:8786")
+
+    @model_validator(mode="after")
+    def _uint8_is_2d(self) -> "IngestConfig":
+        if self.store.training_dtype == "uint8" and self.preprocess.kind != "2d":
+            raise ValueError("store.training_dtype uint8 is for 2D stores (3D volumes keep CT's int16 HU or float "
+                             "intensities); use float16 to halve a 3D store's training bytes")
+        return self
 
     def lineage_dict(self) -> dict[str, Any]:
         """What the data depends on (recorded in the store and its run fingerprint): no runtime settings, so

@@ -19,6 +19,9 @@ from medpipe.config import PreprocessConfig
 set_track_meta(False)  # plain tensors out of MONAI transforms; metadata lives in the store's table
 
 
+ZSCORED_MODALITIES = frozenset({"CT", "MR"})  # normalised to zero mean, unit std; others are scaled to 0..1
+
+
 class NotTrainable(ValueError):
     """An archive image that cannot soundly become a sample of the configured kind (recorded as excluded)."""
 
@@ -52,7 +55,7 @@ def normalize(pixels: np.ndarray, modality: str, norm: dict[str, Any] | None) ->
     if modality == "CT" and norm:
         x = np.clip(x, norm["p00_5"], norm["p99_5"])
         return ((x - norm["mean"]) / max(norm["std"], 1e-6)).astype(np.float32)
-    if modality in ("CT", "MR"):
+    if modality in ZSCORED_MODALITIES:
         std = float(x.std())
         return ((x - float(x.mean())) / (std if std > 1e-6 else 1.0)).astype(np.float32)
     lo, hi = float(x.min()), float(x.max())

@@ -18,7 +18,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from medpipe.codecs import codec_chain  # importing medpipe.codecs registers the medpipe.jpegls codec
+from medpipe.codecs import codec_chain, training_images_chain  # importing medpipe.codecs registers the medpipe.jpegls codec
 from medpipe.config import StoreConfig
 from medpipe.errors import UserError
 
@@ -142,15 +142,14 @@ def create_training_arrays(
     root: zarr.Group, n: int, sample_shape: tuple[int, ...], with_masks: bool, config: StoreConfig
 ) -> int:
     """Create empty training/{images,labels,masks}; returns samples per shard (the unit of one writing task)."""
-    dtype = np.dtype(config.training_dtype)
+    dtype, chain = training_images_chain(config)
     spc = samples_per_chunk(sample_shape, dtype.itemsize, config.chunk_bytes)
     per_shard = spc * config.chunks_per_shard
     training = root.create_group("training", overwrite=True)
     shard_n = max(spc, min(per_shard, _round_up(max(n, 1), spc)))
     names = dimension_names(len(sample_shape) + 1, ("n",))
     training.create_array("images", shape=(n, *sample_shape), dtype=dtype, chunks=(spc, *sample_shape),
-                          shards=(shard_n, *sample_shape), fill_value=0.0, dimension_names=names,
-                          **codec_chain("training_images", config, dtype))
+                          shards=(shard_n, *sample_shape), fill_value=0.0, dimension_names=names, **chain)
     training.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), fill_value=-1,
                           dimension_names=("n",))
     if with_masks:

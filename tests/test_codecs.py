@@ -12,8 +12,10 @@ import pydantic
 import pytest
 import zarr
 
-from medpipe.codecs import JPEGLS_NAME, LAYERS, CodecError, codec_chain, decode_frames, encode_frames, for_writing
-from medpipe.config import IngestConfig, StoreConfig
+from medpipe.codecs import (JPEGLS_NAME, LAYERS, CodecError, PackingError, as_stored, codec_chain, decode_frames,
+                            encode_frames, for_writing)
+from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
+from medpipe.signals.config import SignalIngestConfig
 from medpipe.store import create_training_arrays, read_archive_image, samples_per_chunk
 from medpipe.store_batch import write_archive_image
 
@@ -123,6 +125,57 @@ def test_float16_training_arrays_hold_half_the_bytes(tmp_path: Path) -> None:
     assert f32.chunks[0] == samples_per_chunk(shape, 4, 1 << 16) == 4
     assert f16.chunks[0] == samples_per_chunk(shape, 2, 1 << 16) == 8
     assert f16.chunks[0] * per_sample_16 == f32.chunks[0] * per_sample_32 == 1 << 16
+
+
+def test_uint8_training_arrays_hold_0_to_1_on_a_grid_of_1_255(tmp_path: Path) -> None:
+    """Packed arrays: float32 to every reader (a fresh zarr process too), nearest multiple of 1/255, chunks sized as
+    float32 ones, a quarter of the float32 bytes before compression and less than half after."""
+    shape, n = (1, 32, 32), 64
+    images = np.clip(np.linspace(0, 1, n * 32 * 32).reshape(n, *shape) + RNG.normal(0, 0.02, (n, *shape)), 0, 1)
+    images[0, 0, 0, :3] = (0.0, 1.0, 0.5 / 255)  # the ends, and a value halfway between two steps
+    images = images.astype(np.float32)
+    sizes = {}
+    for dtype in ("float32", "uint8"):
+        root = zarr.open_group(tmp_path / f"{dtype}.zarr", mode="w")
+        create_training_arrays(root, n, shape, False, StoreConfig(training_dtype=dtype, chunk_bytes=1 << 14))
+        root["training/images"][...] = images
+        chunks = (tmp_path / f"{dtype}.zarr/training/images/c").rglob("*")
+        sizes[dtype] = sum(f.stat().st_size for f in chunks if f.is_file())
+    packed = zarr.open_group(tmp_path / "uint8.zarr", mode="r")["training/images"]
+    assert packed.dtype == np.float32 and packed.chunks == (4, *shape)  # 16 KiB of float32 per chunk
+    back = np.asarray(packed[...])
+    steps = back.astype(np.float64) * 255
+    assert np.abs(steps - np.rint(steps)).max() < 1e-4  # on the grid, and (below) its nearest point to each value
+    assert np.abs(back - images).max() <= 0.5 / 255 + 1e-7 and back[0, 0, 0, :2].tolist() == [0.0, 1.0]
+    assert np.array_equal(as_stored(packed, images), back)  # what the ingest hashes is what is read
+    assert sizes["uint8"] < 0.5 * sizes["float32"]
+    code = ("import zarr, numpy as np, sys; a = zarr.open_array(sys.argv[1], mode='r'); "
+            "print(a.dtype, float(np.asarray(a[...]).sum()))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "uint8.zarr/training/images")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "float32" and abs(float(out[1]) - float(back.sum())) < 1e-2
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.01, np.nan])
+def test_uint8_packing_refuses_what_it_would_wrap(tmp_path: Path, bad: float) -> None:
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    create_training_arrays(root, 4, (1, 4, 4), False, StoreConfig(training_dtype="uint8"))
+    values = np.full((4, 1, 4, 4), 0.5, np.float32)
+    values[2, 0, 1, 1] = bad
+    with pytest.raises(PackingError, match="0..1"):
+        as_stored(root["training/images"], values)
+    floats = zarr.open_group(tmp_path / "f.zarr", mode="w")
+    create_training_arrays(floats, 4, (1, 4, 4), False, StoreConfig())
+    assert as_stored(floats["training/images"], values) is values  # nothing to pack
+
+
+def test_uint8_training_dtype_is_for_2d_image_stores() -> None:
+    IngestConfig(store=StoreConfig(training_dtype="uint8"))
+    with pytest.raises(pydantic.ValidationError, match="uint8 is for 2D stores"):
+        IngestConfig(store=StoreConfig(training_dtype="uint8"), preprocess=PreprocessConfig(kind="3d",
+                                                                                            shape=(8, 8, 8)))
+    with pytest.raises(pydantic.ValidationError, match="signal windows are stored as float32"):
+        SignalIngestConfig(store=StoreConfig(training_dtype="uint8"))
 
 
 def test_store_config_fields_validate() -> None:

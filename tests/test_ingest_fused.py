@@ -4,16 +4,19 @@ header geometry take). Both paths run serially here on the demo data plus every 
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from medpipe.config import IngestConfig, PreprocessConfig
+from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest import archive as archive_module
 from medpipe.ingest import pipeline
 from medpipe.ingest.finalize import verify_store
+from medpipe.ingest.pipeline import PackingConfigError
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.ingest.volume_cases import case_geometry
 from medpipe.store import (attrs_of, get_array, get_group, open_store, read_archive_image, read_json,
@@ -156,6 +159,43 @@ def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
             else:
                 assert np.array_equal(small[key], values), key
 
+
+def test_uint8_training_rows_are_the_float32_rows_on_a_grid_of_1_255(demo_source, deid_key, tmp_path):
+    """training_dtype uint8: each value is the float32 row's nearest multiple of 1/255, read back as float32 by
+    plain zarr; the images take under half the float32 bytes; masks, labels and table are unchanged."""
+    config = CONFIGS["2d"]
+    packed = config.model_copy(update={"store": config.store.model_copy(update={"training_dtype": "uint8"})})
+    full_url, packed_url = str(tmp_path / "f32.zarr"), str(tmp_path / "u8.zarr")
+    _ingest(str(demo_source[0]), full_url, config)
+    _ingest(str(demo_source[0]), packed_url, packed)
+    assert verify_store(packed_url) == []
+    stored = get_array(open_store(packed_url), "training/images")
+    assert stored.dtype == np.float32 and "numcodecs.fixedscaleoffset" in json.dumps(stored.metadata.to_dict())
+    full, small = _arrays(full_url), _arrays(packed_url)
+    assert sorted(full) == sorted(small) and np.array_equal(full["labels"], small["labels"])
+    assert np.array_equal(full.get("masks"), small.get("masks"))
+    steps = small["images"].astype(np.float64) * 255
+    assert np.abs(steps - np.rint(steps)).max() < 1e-3  # on the grid
+    assert np.abs(small["images"] - full["images"]).max() <= 0.5 / 255 + 1e-6  # its nearest point
+    assert _bytes(packed_url, "training/images") < 0.5 * _bytes(full_url, "training/images")
+
+
+def test_uint8_training_rows_refuse_z_scored_images_before_writing(deid_key, tmp_path):
+    """A CT slice in a 2D uint8 store would be z-scored, outside 0..1: one-line error, nothing archived."""
+    from pydicom.data import get_testdata_file
+
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), source / "ct.dcm")
+    config = CONFIGS["2d"].model_copy(update={"store": StoreConfig(training_dtype="uint8")})
+    with pytest.raises(PackingConfigError, match="1 CT image.* use float16") as raised:
+        _ingest(str(source), str(tmp_path / "s.zarr"), config)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "s.zarr" / "archive").exists()
+
+
+def _bytes(url: str, path: str) -> int:
+    return sum(f.stat().st_size for f in Path(url, path).rglob("*") if f.is_file())
 
 
 def test_resampled_ct_cases_keep_whole_hu(ct_source, deid_key, tmp_path):

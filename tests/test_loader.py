@@ -135,6 +135,32 @@ def test_float16_store_gives_float32_tensors(stored, tmp_path):
         assert np.array_equal(batch["label"].numpy(), labels[ds.indices])
 
 
+def test_uint8_store_gives_the_packed_values_as_float32(stored, tmp_path):
+    """A packed (training_dtype uint8) store: ChunkReader decodes it itself (no zarr slicing) into the values zarr
+    gives, and batches are those values as float32, with and without the in-memory cache and with 2 workers."""
+    _, images, labels, split = stored
+    url = write_store(str(tmp_path / "u8.zarr"), images, labels, split=split,
+                      store_config=SMALL.model_copy(update={"training_dtype": "uint8"}))
+    array = zarr.open_group(url, mode="r")["training/images"]
+    expected = np.asarray(array[...])
+    assert expected.dtype == np.float32 and np.abs(expected - images).max() <= 0.5 / 255 + 1e-7
+    reader = ChunkReader(array)
+    assert reader.direct and reader.layout.unpack is not None and reader.layout.chunk_len == 8
+    assert np.array_equal(np.concatenate(reader.read(list(range(reader.n_chunks))))[:N], expected)
+    for cache in ("none", "memory"):
+        ds = ZarrImageDataset(url, "train", cache=cache)
+        batch = collate_samples(ds.__getitems__(list(range(len(ds)))))
+        assert str(batch["image"].dtype) == "torch.float32"
+        assert np.array_equal(batch["image"].numpy(), expected[ds.indices])
+    ds = ZarrImageDataset(url, "train", cache="none")
+    loader = DataLoader(ds, batch_sampler=BlockShuffleSampler(ds, batch_size=16, seed=1, workers=2),
+                        collate_fn=collate_samples, num_workers=2, worker_init_fn=seed_worker,
+                        multiprocessing_context=worker_context(2))
+    seen = {int(i): b["image"][k].numpy().copy() for b in loader for k, i in enumerate(b["index"])}
+    assert sorted(seen) == sorted(ds.indices.tolist())
+    assert all(np.array_equal(image, expected[i]) for i, image in seen.items())
+
+
 def test_sampler_deals_each_window_to_one_worker(stored):
     url, _, _, _ = stored
     ds = ZarrImageDataset(url, "train", cache="none")

@@ -36,7 +36,9 @@ from medpipe.ingest.header_geometry import planned_target_spacing, unit_geometry
 from medpipe.ingest.training import (TrainingLayout, assemble_range, deferred_rows, finish_training, fits_kind,
                                      layout_training, normalize_rows, plan_training)
 from medpipe.ingest.units import UnitPlan, plan_units, sop_groups
+from medpipe.errors import UserError
 from medpipe.manifest import Manifest, check_references, load_manifest
+from medpipe.preprocess import ZSCORED_MODALITIES
 from medpipe.store import ATTRS_KEY, StoreError, open_store, store_attrs
 
 
@@ -218,15 +220,30 @@ def unit_depths(plan: UnitPlan, scans: list[ScanRecord]) -> dict[str, int | None
     return depths
 
 
+class PackingConfigError(UserError, ValueError):
+    """training_dtype uint8 on a store whose samples are z-scored."""
+
+
+def check_packing(config: IngestConfig, units: list[Unit]) -> None:
+    """training_dtype uint8 holds intensities scaled to 0..1: refuse stores with CT or MR samples (z-scored, see
+    medpipe.preprocess.normalize) before anything is written, in one line, instead of wrapping their values."""
+    zscored = sorted({u.modality for u in units if u.modality in ZSCORED_MODALITIES})
+    if config.store.training_dtype == "uint8" and zscored:
+        count = sum(1 for u in units if u.modality in ZSCORED_MODALITIES)
+        raise PackingConfigError(f"store.training_dtype uint8 holds intensities scaled to 0..1, but {count} "
+                                 f"{'/'.join(zscored)} image(s) are z-scored: use float16 for this store")
+
+
 def plan_samples(run: IngestRun, plan: UnitPlan, scans: list[ScanRecord]) -> TrainingLayout | None:
     """The training rows planned before archiving, so that each task makes its samples from the arrays it decodes;
     None when a 3D store's target spacing cannot be planned from headers (a case whose headers give no geometry,
     such as a legacy multi-frame file: the samples are then made after archiving, from the archive). Creates the
     archive group the tasks write into."""
     check_lock(run.store, run.run_id)
-    open_store(run.store, mode="a").require_group("archive")
     pre = run.config.preprocess
     depths = unit_depths(plan, scans)
+    check_packing(run.config, [u for u in plan.units if fits_kind(depths[u.id], pre) is None])
+    open_store(run.store, mode="a").require_group("archive")
     target = pre.target_spacing
     if pre.kind == "3d" and target is None:
         by_index = {s.index: s for s in scans}

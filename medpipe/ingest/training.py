@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from medpipe.codecs import for_writing
+from medpipe.codecs import as_stored, for_writing, training_images_chain
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.ingest.limits import bound_codec_threads
 from medpipe.ingest.lock import check_lock
@@ -176,8 +176,7 @@ def plan_training(store_url: str, units: list[Unit], depths: dict[str, int | Non
         sizes = [max(1, (unit_bytes or {}).get(u.id, 1)) for u in chosen]
         ranges = byte_ranges(sizes, max(1, -(-sum(sizes) // max(min_tasks, 1))))
     else:
-        per_chunk = samples_per_chunk(sample_shape, np.dtype(config.store.training_dtype).itemsize,
-                                      config.store.chunk_bytes)
+        per_chunk = samples_per_chunk(sample_shape, training_images_chain(config.store)[0].itemsize, config.store.chunk_bytes)
         chunks = max(1, -(-n // per_chunk))
         k = max(1, min(config.store.chunks_per_shard, -(-chunks // max(min_tasks, 1))))
         per_task = create_training_arrays(root, n, sample_shape, with_masks,
@@ -302,6 +301,7 @@ def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int
     for offset, modality in enumerate(modalities):
         if modality in layout.deferred:
             block[offset] = normalize(block[offset], modality, layout.normalization.get(modality))
+    block = as_stored(images, block)
     images[start:stop] = block
     result.digests.update(row_digests("images", start, block))
     return result
@@ -358,7 +358,7 @@ class RowBlock:
         if self.stop <= self.start:
             return
         images = for_writing(get_array(root, "training/images"))
-        stored = self.images.astype(images.dtype, copy=False)
+        stored = as_stored(images, self.images)
         images[self.start : self.stop] = stored
         self.result.digests.update(row_digests("images", self.start, stored))
         if self.masks is not None:

@@ -55,6 +55,8 @@ class SignalIngestConfig(_Section):
             raise ValueError(f"overlap_s ({self.overlap_s}) must be less than window_s ({self.window_s})")
         if self.window_samples < 8:
             raise ValueError(f"window_s x rate_hz gives {self.window_samples} samples per window; need at least 8")
+        if self.store.training_dtype == "uint8":
+            raise ValueError("store.training_dtype uint8 is for 2D image stores; signal windows are stored as float32")
         return self
 
     @property

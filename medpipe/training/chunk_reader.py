@@ -8,7 +8,8 @@ calling thread straight into a numpy buffer. Parallelism comes from DataLoader w
 here (two blosc threads in each of two workers would only contend on the cores).
 
 Layouts it reads directly (`decodable`): regular chunks, optionally inside shards, codec chain `bytes` (native
-byte order) + optional blosc or zstd. `fetch_chunks`/`decode` work on any chunk coordinates (3D patches use them
+byte order) + optional blosc or zstd, optionally after a FixedScaleOffset packing to 8/16-bit integers (training_dtype
+uint8: unpacked per chunk with a lookup table of numcodecs' own decode, so values equal zarr's). `fetch_chunks`/`decode` work on any chunk coordinates (3D patches use them
 for their codec-speed limit); `read(chunk_ids)` reads row chunks along axis 0 and falls back to zarr slicing, chunk
 by chunk with the same results, when chunks do not span the other axes or the layout is not decodable.
 """
@@ -28,6 +29,7 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -43,8 +45,10 @@ class ChunkLayout:
 
     chunk_shape: tuple[int, ...]
     per_shard: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype  # of the array (float32 for a packed one)
     compressor: str  # "blosc", "zstd" or "none"
+    unpack: np.ndarray | None = None  # packed arrays: the value of each stored integer (a lookup table of `dtype`
+    # indexed by the stored bits read as unsigned integers of `unpack.size` values)
 
     @property
     def chunk_len(self) -> int:
@@ -79,10 +83,32 @@ def _layout(array: zarr.Array) -> tuple[ChunkLayout, ShardingCodec | None, bool]
         inner = tuple(int(s) for s in sharding.chunk_shape)
         decodable &= (len(sharding.index_codecs) == 2 and isinstance(sharding.index_codecs[0], BytesCodec)
                       and all(o % i == 0 for o, i in zip(outer, inner)))
-    compressor = _compressor(codecs, dtype)
+    unpack = None
+    if codecs and isinstance(codecs[0], FixedScaleOffset):
+        codecs, unpack = codecs[1:], _unpacking_table(codecs[0], dtype)
+        decodable &= unpack is not None
+    compressor = _compressor(codecs, dtype if unpack is None else _stored_dtype(unpack))
     per_shard = tuple(o // i for o, i in zip(outer, inner))
-    layout = ChunkLayout(chunk_shape=inner, per_shard=per_shard, dtype=dtype, compressor=compressor or "none")
+    layout = ChunkLayout(chunk_shape=inner, per_shard=per_shard, dtype=dtype, compressor=compressor or "none",
+                         unpack=unpack)
     return layout, sharding, decodable and compressor is not None
+
+
+def _unpacking_table(packing: FixedScaleOffset, dtype: np.dtype) -> np.ndarray | None:
+    """Value of every stored integer of a FixedScaleOffset packing to 8/16 bits (numcodecs' own decode of them all;
+    its dtype is the stored one's, see `ChunkReader.decode`), or None for other packings."""
+    codec = numcodecs.get_codec(dict(packing.codec_config))
+    stored = np.dtype(codec.astype)
+    if stored.kind not in "iu" or stored.itemsize > 2 or np.dtype(codec.dtype) != dtype:
+        return None
+    info = np.iinfo(stored)
+    values = np.asarray(codec.decode(np.arange(info.min, info.max + 1, dtype=stored)), dtype=dtype)
+    return np.roll(values, info.min)  # index = the stored bits read as unsigned
+
+
+def _stored_dtype(unpack: np.ndarray) -> np.dtype:
+    """The unsigned integer type whose values index a packed array's lookup table."""
+    return np.dtype(np.uint8 if unpack.size <= 256 else np.uint16)
 
 
 def decode_chunk(blob: Any, out: np.ndarray, compressor: str) -> np.ndarray:
@@ -119,6 +145,7 @@ class ChunkReader:
         self._local_root: str | None = str(store.root) if isinstance(store, LocalStore) else None
         self._maps: dict[str, np.ndarray] = {}
         self._spare: list[np.ndarray] = []
+        self._packed: np.ndarray | None = None  # packed arrays: the stored integers of the chunk being decoded
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("ChunkReader holds store handles: build one per process")
@@ -241,7 +268,13 @@ class ChunkReader:
         if blob is None:
             out.fill(self.fill_value)
             return out
-        return decode_chunk(blob, out, self.layout.compressor)
+        unpack = self.layout.unpack
+        if unpack is None:
+            return decode_chunk(blob, out, self.layout.compressor)
+        if self._packed is None:
+            self._packed = np.empty(self.layout.chunk_shape, _stored_dtype(unpack))
+        np.take(unpack, decode_chunk(blob, self._packed, self.layout.compressor), out=out)
+        return out
 
     def read(self, chunk_ids: list[int]) -> list[np.ndarray]:
         """Decoded row chunks along axis 0, full chunk shape (rows past the array's end hold padding; through zarr

@@ -1,7 +1,8 @@
 """Loader throughput against the physical limit, every baseline measured in the same run.
 
 2D: ZarrImageDataset (ChunkReader, block-shuffled batches) on a default (blosc-zstd) store of 64x64 float32
-samples, batch 256, at 0 and N DataLoader workers (the store 8x the loader's 64 MiB chunk LRU by default, so no
+samples (`--training-dtype` float16 or uint8: stored so, read as float32; for uint8 the codec's decode includes
+the unpacking to float32, which is part of its zarr codec chain), batch 256, at 0 and N DataLoader workers (the store 8x the loader's 64 MiB chunk LRU by default, so no
 decoded chunk survives from one epoch to the next: the figures measure decoding, as on a real dataset, not the LRU),
 against
   (a) the codec's own decode rate: every chunk's stored bytes read once into memory, then decoded in a tight loop
@@ -15,7 +16,8 @@ touches (image and mask).
 Goals: loader(0 workers) >= 0.8x codec decode; loader(N workers) >= 1.7x loader(0 workers) on 2 cores;
 loader >= 20x PersistentDataset. `--json` adds one JSON object of all figures as the last line.
 
-    python benchmarks/loader.py [--samples 32768] [--epochs 2] [--workers 2] [--cases 3] [--patches 40] [--json]
+    python benchmarks/loader.py [--samples 32768] [--epochs 2] [--workers 2] [--cases 3] [--patches 40]
+                                [--training-dtype float32] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from benchmarks._common import ratio_line  # noqa: E402
 from benchmarks.patches import write_cases  # noqa: E402
+from medpipe.config import StoreConfig  # noqa: E402
 from medpipe.training.chunk_reader import ChunkReader  # noqa: E402
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, seed_worker,  # noqa: E402
                                    worker_context)
@@ -220,6 +223,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 160, 160])
     parser.add_argument("--patch", type=int, nargs=3, default=[48, 96, 96])
     parser.add_argument("--patches", type=int, default=40, help="patches timed")
+    parser.add_argument("--training-dtype", choices=("float32", "float16", "uint8"), default="float32",
+                        help="dtype of the stored samples (uint8: packed steps of 1/255, read as float32)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object of all figures")
     args = parser.parse_args()
     if args.samples < BATCH or args.epochs < 1 or args.workers < 1 or args.patches < 1 or args.cases < 1:
@@ -230,7 +235,8 @@ def main() -> None:
     images, labels = synthetic_2d(args.samples, 64, seed=0)
     split = np.zeros(args.samples, dtype=np.int8)  # every sample in train: all loaders see the same samples
     with tempfile.TemporaryDirectory() as tmp:
-        url = write_store(f"{tmp}/bench.zarr", images, labels, split=split)
+        url = write_store(f"{tmp}/bench.zarr", images, labels, split=split,
+                          store_config=StoreConfig(training_dtype=args.training_dtype))
         array = zarr.open_group(url, mode="r")["training/images"]
         reader = ChunkReader(array)
         rows = [(cid,) + (0,) * 3 for cid in range(reader.n_chunks)]

@@ -161,6 +161,26 @@ def test_uint8_store_gives_the_packed_values_as_float32(stored, tmp_path):
     assert all(np.array_equal(image, expected[i]) for i, image in seen.items())
 
 
+@pytest.mark.parametrize(("offset", "scale", "astype"), [(0, 255, "u1"), (-1.0, 100, "u1"), (0.5, 100, "i1"),
+                                                         (0, 1000, "u2")])
+def test_chunk_reader_unpacks_any_scale_offset_packing_as_zarr_does(tmp_path, offset, scale, astype):
+    """Packed arrays other than medpipe's own (an offset, signed or 16-bit integers) take the lookup path."""
+    from zarr.codecs.numcodecs import FixedScaleOffset
+
+    root = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
+    info = np.iinfo(astype)
+    lo, hi = info.min / scale + offset, info.max / scale + offset
+    values = np.random.default_rng(3).uniform(lo, hi, (40, 6, 5)).astype(np.float32)
+    array = root.create_array("x", shape=values.shape, dtype="float32", chunks=(8, 6, 5), shards=(16, 6, 5),
+                              filters=[FixedScaleOffset(offset=offset, scale=scale, dtype="<f4", astype=astype)],
+                              compressors=zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1))
+    array[...] = values
+    reader = ChunkReader(array)
+    assert reader.direct and reader.layout.unpack is not None
+    assert (reader.layout.unpack_divisor is not None) == (offset == 0 and astype.startswith("u"))
+    assert np.array_equal(np.concatenate(reader.read(list(range(reader.n_chunks)))), np.asarray(array[...]))
+
+
 def test_sampler_deals_each_window_to_one_worker(stored):
     url, _, _, _ = stored
     ds = ZarrImageDataset(url, "train", cache="none")

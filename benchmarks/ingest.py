@@ -14,7 +14,8 @@
                                      GE head CT of github.com/neurolabusc/dcm_qa_ct shipped in tests/data, or the
                                      series under --real-ct DIR (e.g. that repository's whole `In` folder); the
                                      generated CT, whose white noise no lossless codec can shrink, is printed beside
-                                     it (`store_vs_source_ct_synthetic`)
+                                     it (`store_vs_source_ct_synthetic`), and the real CT with JPEG-LS training
+                                     volumes (`store_vs_source_ct_jpegls`)
   store_vs_source_2d                 store bytes / source bytes of a 2D store with uint8 training images (the
                                      smallest dtype, made for 8-bit sources), on 8-bit PNG tiles of scikit-image's
                                      sample images; beside it the same with float16 (`store_vs_source_2d_float16`)
@@ -363,20 +364,24 @@ def measure_cluster(src: Sources, out: Path, repeats: int, fig: dict[str, float]
 
 
 def measure_sizes(src: Sources, out: Path, fig: dict[str, float]) -> list[str]:
-    """store_vs_source_ct (the real CT, ingested here), store_vs_source_ct_synthetic (the serial store of the
-    generated CT), store_vs_source_2d and store_vs_source_2d_float16 (PNG tiles, ingested here with uint8 and
-    float16 training images) and store_vs_source_2d_demo (the flow's store of the demo's 2D files); returns the printed
-    lines."""
+    """store_vs_source_ct and store_vs_source_ct_jpegls (the real CT, ingested here with Blosc and JPEG-LS training
+    volumes), store_vs_source_ct_synthetic (the serial store of the generated CT), store_vs_source_2d and
+    store_vs_source_2d_float16 (PNG tiles, ingested here with uint8 and float16 training images) and
+    store_vs_source_2d_demo (the flow's store of the demo's 2D files); returns the printed lines."""
     tiles, tiles_uint8, real_ct = out / "tiles.zarr", out / "tiles-uint8.zarr", out / "real-ct.zarr"
-    uint8 = src.small_config.model_copy(update={"store": src.small_config.store.model_copy(
-        update={"training_dtype": "uint8"})})
+    real_ct_jpegls = out / "real-ct-jpegls.zarr"
+    uint8, jpegls = (config.model_copy(update={"store": config.store.model_copy(update=change)})
+                     for config, change in ((src.small_config, {"training_dtype": "uint8"}),
+                                            (src.ct_config, {"volume_codec": "jpegls"})))
     for source, store, config in ((src.tiles, tiles, src.small_config), (src.tiles, tiles_uint8, uint8),
-                                  (src.real_ct, real_ct, src.ct_config)):
+                                  (src.real_ct, real_ct, src.ct_config), (src.real_ct, real_ct_jpegls, jpegls)):
         fresh(store)()
         ingest(source, store, config)
     shape = "x".join(map(str, src.ct_config.preprocess.shape))
     measured = (("store_vs_source_ct", "<= 0.6", src.real_ct, real_ct,
                  f"real CT in {src.real_ct.name}/, 3D, patches {shape}"),
+                ("store_vs_source_ct_jpegls", "-", src.real_ct, real_ct_jpegls,
+                 "the same, volume_codec jpegls"),
                 ("store_vs_source_ct_synthetic", "-", src.ct, out / "ct-1.zarr", "generated CT (white noise), 3D"),
                 ("store_vs_source_2d", "<= 1.0", src.tiles, tiles_uint8,
                  f"{TILE}x{TILE} 8-bit PNG tiles of skimage samples, uint8 training"),

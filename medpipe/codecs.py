@@ -8,7 +8,7 @@ Layers and what "auto" picks (all lossless):
                      arrays packed to 8-bit steps of 1/255 by numcodecs' FixedScaleOffset, then Blosc with bit
                      shuffle (`training_images_chain`)
     training_masks   Blosc `codec`/`level`, bit shuffle
-    volume_image     as training_images
+    volume_image     as training_images; integer images (CT in HU) in JPEG-LS with `volume_codec: jpegls`
     volume_mask      as training_masks
 
 `codec_chain(layer, config, dtype)` returns the keyword arguments of zarr's `create_array` (serializer and
@@ -162,6 +162,8 @@ def codec_chain(layer: Layer, config: StoreConfig, dtype: np.dtype[Any] | str | 
             return {"serializer": JpegLsCodec(), "compressors": (), "config": WRITE_CONFIG}
         codec = "zstd" if choice == "auto" else choice
         return {"serializer": "auto", "compressors": _blosc_chain(codec, config.archive_level), "config": WRITE_CONFIG}
+    if layer == "volume_image" and config.volume_codec == "jpegls" and jpegls_supports(dt):
+        return {"serializer": JpegLsCodec(), "compressors": (), "config": WRITE_CONFIG}
     return {"serializer": "auto", "compressors": _blosc_chain(config.codec, config.level), "config": WRITE_CONFIG}
 
 

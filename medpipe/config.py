@@ -91,6 +91,10 @@ class StoreConfig(_Section):
     archive_level: int = Field(default=3, ge=0, le=9, description="Blosc level of the archive when it uses Blosc")
     volume_chunk: int = Field(default=64, ge=8, le=512, description="volumes layout: chunk edge (voxels) of each "
                               "case's arrays; a patch read decodes only the chunks it touches")
+    volume_codec: Literal["blosc", "jpegls"] = Field(
+        default="blosc", description="volumes layout: codec of the case images that keep integer intensities (CT in "
+        "HU): blosc (`codec`/`level`, decoded at ~1 GB/s) or jpegls (lossless, ~35 % smaller on real CT, decoded at "
+        "~120 MB/s per loader process; docs/benchmarks.md); float images always use Blosc")
 
 
 class SplitConfig(_Section):

@@ -12,7 +12,7 @@ import pydantic
 import pytest
 import zarr
 
-from medpipe.codecs import (JPEGLS_NAME, LAYERS, CodecError, PackingError, as_stored, codec_chain, decode_frames,
+from medpipe.codecs import (JPEGLS_NAME, LAYERS, CodecError, JpegLsCodec, PackingError, as_stored, codec_chain, decode_frames,
                             encode_frames, for_writing)
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.signals.config import SignalIngestConfig
@@ -176,6 +176,17 @@ def test_uint8_training_dtype_is_for_2d_image_stores() -> None:
                                                                                             shape=(8, 8, 8)))
     with pytest.raises(pydantic.ValidationError, match="signal windows are stored as float32"):
         SignalIngestConfig(store=StoreConfig(training_dtype="uint8"))
+
+
+def test_volume_codec_jpegls_applies_to_integer_volume_images_only() -> None:
+    jpegls = StoreConfig(volume_codec="jpegls")
+    assert isinstance(codec_chain("volume_image", jpegls, "int16")["serializer"], JpegLsCodec)
+    for layer, dtype, config in (("volume_image", "float32", jpegls), ("volume_mask", "uint8", jpegls),
+                                 ("training_images", "float32", jpegls), ("volume_image", "int16", StoreConfig())):
+        chain = codec_chain(layer, config, dtype)  # type: ignore[arg-type]
+        assert chain["serializer"] == "auto" and chain["compressors"], (layer, dtype)
+    with pytest.raises(pydantic.ValidationError):
+        StoreConfig(volume_codec="jpeg")  # type: ignore[arg-type]
 
 
 def test_store_config_fields_validate() -> None:

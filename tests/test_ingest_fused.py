@@ -160,6 +160,35 @@ def test_float16_training_arrays(demo_source, ct_source, deid_key, tmp_path):
                 assert np.array_equal(small[key], values), key
 
 
+def test_jpegls_volumes_hold_the_same_hu_in_fewer_bytes(ct_source, deid_key, tmp_path):
+    """store.volume_codec jpegls: CT cases (int16 HU) stored losslessly in JPEG-LS, read back equal by zarr and by
+    ChunkReader; masks stay Blosc."""
+    from medpipe.training.chunk_reader import ChunkReader
+
+    config = CONFIGS["3d-volumes"]
+    jpegls = config.model_copy(update={"store": config.store.model_copy(update={"volume_codec": "jpegls"})})
+    blosc_url, jpegls_url = str(tmp_path / "blosc.zarr"), str(tmp_path / "jpegls.zarr")
+    _ingest(str(ct_source), blosc_url, config)
+    _ingest(str(ct_source), jpegls_url, jpegls)
+    assert verify_store(jpegls_url) == []
+    root = open_store(jpegls_url)
+    cases = sorted(get_group(root, "training/volumes").group_keys())
+    assert cases
+    for case in cases:
+        image = get_array(root, f"training/volumes/{case}/image")
+        assert image.dtype == np.int16 and "medpipe.jpegls" in json.dumps(image.metadata.to_dict())
+        assert "medpipe.jpegls" not in json.dumps(get_array(root, f"training/volumes/{case}/mask").metadata.to_dict())
+        reference = np.asarray(get_array(open_store(blosc_url), f"training/volumes/{case}/image")[...])
+        assert np.array_equal(np.asarray(image[...]), reference)
+        reader = ChunkReader(image)
+        assert reader.decodable and reader.layout.compressor == "jpegls"
+        first = reader.decode(reader.fetch_chunks([(0, 0, 0, 0)])[0])
+        np.testing.assert_array_equal(first, reference[tuple(slice(0, n) for n in reader.layout.chunk_shape)])
+    full, small = _arrays(blosc_url), _arrays(jpegls_url)
+    assert sorted(full) == sorted(small) and all(np.array_equal(full[k], small[k]) for k in full)
+    assert _bytes(jpegls_url, "training/volumes") < _bytes(blosc_url, "training/volumes")
+
+
 def test_uint8_training_rows_are_the_float32_rows_on_a_grid_of_1_255(demo_source, deid_key, tmp_path):
     """training_dtype uint8: each value is the float32 row's nearest multiple of 1/255, read back as float32 by
     plain zarr; the images take under half the float32 bytes; masks, labels and table are unchanged."""

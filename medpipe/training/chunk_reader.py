@@ -8,10 +8,12 @@ calling thread straight into a numpy buffer. Parallelism comes from DataLoader w
 here (two blosc threads in each of two workers would only contend on the cores).
 
 Layouts it reads directly (`decodable`): regular chunks, optionally inside shards, codec chain `bytes` (native
-byte order) + optional blosc or zstd, optionally after a FixedScaleOffset packing to 8/16-bit integers (training_dtype
-uint8: unpacked per chunk with a lookup table of numcodecs' own decode, so values equal zarr's). `fetch_chunks`/`decode` work on any chunk coordinates (3D patches use them
-for their codec-speed limit); `read(chunk_ids)` reads row chunks along axis 0 and falls back to zarr slicing, chunk
-by chunk with the same results, when chunks do not span the other axes or the layout is not decodable.
+byte order) + optional blosc or zstd, or medpipe's JPEG-LS (3D CT volumes with `volume_codec: jpegls`); the former
+optionally after a FixedScaleOffset packing to 8/16-bit integers (training_dtype uint8: unpacked per chunk by a
+division checked equal to numcodecs' own decode, else a lookup table of it, so values equal zarr's).
+`fetch_chunks`/`decode` work on any chunk coordinates (3D patches use them for their codec-speed limit);
+`read(chunk_ids)` reads row chunks along axis 0 and falls back to zarr slicing, chunk by chunk with the same
+results, when chunks do not span the other axes or the layout is not decodable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
+
+from medpipe.codecs import JpegLsCodec, decode_frames
 
 EMPTY = np.uint64(2**64 - 1)  # zarr's marker of a chunk absent from its shard
 MAX_MAPS = 64  # memory-mapped shard files kept open per reader
@@ -58,7 +62,9 @@ class ChunkLayout:
 
 
 def _compressor(codecs: tuple[Any, ...], dtype: np.dtype) -> str | None:
-    """"blosc", "zstd" or "none" for a chunk codec chain this module decodes itself, else None."""
+    """"blosc", "zstd", "jpegls" or "none" for a chunk codec chain this module decodes itself, else None."""
+    if len(codecs) == 1 and isinstance(codecs[0], JpegLsCodec):
+        return "jpegls"
     if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2 or dtype.hasobject:
         return None
     endian = codecs[0].endian
@@ -132,6 +138,8 @@ def decode_chunk(blob: Any, out: np.ndarray, compressor: str) -> np.ndarray:
             numcodecs.blosc.use_threads = previous
     elif compressor == "zstd":
         Zstd().decode(blob, out=out)
+    elif compressor == "jpegls":
+        out[...] = decode_frames(blob, out.dtype, out.shape)
     else:
         out.reshape(-1).view(np.uint8)[...] = np.frombuffer(blob, dtype=np.uint8)
     return out

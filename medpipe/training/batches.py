@@ -16,6 +16,8 @@ descriptor per batch instead of one per tensor). Keep copies, not views, of what
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 import uuid
@@ -123,6 +125,11 @@ def batch_from_ring(key: str, ring: torch.Tensor | None, slot: int, slot_bytes: 
 
 
 def _torch_dtype(dtype: np.dtype | str) -> torch.dtype:
+    return _TORCH_DTYPES(np.dtype(dtype).str)
+
+
+@functools.cache
+def _TORCH_DTYPES(dtype: str) -> torch.dtype:  # noqa: N802 (a table, filled on first use)
     return torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype
 
 
@@ -130,8 +137,9 @@ def _views(block: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """The arrays of a block (uint8, 1-D) as tensors sharing its memory."""
     out = {}
     for name, offset, dtype, shape in layout:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        out[name] = block[offset : offset + nbytes].view(_torch_dtype(dtype)).view(shape)
+        torch_dtype = _TORCH_DTYPES(dtype)
+        nbytes = math.prod(shape) * torch_dtype.itemsize
+        out[name] = block[offset : offset + nbytes].view(torch_dtype).view(shape)
     return out
 
 
@@ -181,7 +189,7 @@ class BatchBuffers:
         for name, (shape, dtype) in specs.items():
             shape = tuple(int(s) for s in shape)
             self.layout.append((name, offset, np.dtype(dtype).str, shape))
-            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+            offset += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
         total = max(offset, ALIGN)
         self.shared = shared
         self.ring = _worker_ring(total) if shared else None

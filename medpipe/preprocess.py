@@ -2,21 +2,21 @@
 
 Normalisation follows nnU-Net: CT is clipped to the dataset's foreground 0.5/99.5 percentiles and z-scored with the
 foreground mean/std (from the fingerprint); MR is z-scored per image; other 2D images are scaled to 0..1.
-Spatial operations are MONAI transforms on channel-first arrays.
+Spatial operations on channel-first arrays reproduce MONAI's `Resize` and `ResizeWithPadOrCrop` exactly
+(tests/test_preprocess.py compares them with MONAI's): `resize` is torch's interpolate, as MONAI calls it, and
+`pad_or_crop` a centre crop then a symmetric pad. They are written here because importing MONAI costs every
+ingest process ~240 MB of memory (it loads matplotlib, pandas, scikit-learn, scikit-image and tensorboard) for
+these two operations, and Dask workers' memory limits count it (issue 11).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from monai.data import set_track_meta
-from monai.transforms import Resize, ResizeWithPadOrCrop
+import torch
 
 from medpipe.config import PreprocessConfig
-
-set_track_meta(False)  # plain tensors out of MONAI transforms; metadata lives in the store's table
 
 
 ZSCORED_MODALITIES = frozenset({"CT", "MR"})  # normalised to zero mean, unit std; others are scaled to 0..1
@@ -91,24 +91,35 @@ def to_training_sample(
         if target_spacing is not None:
             size = resampled_size(x.shape[1:], spacing, target_spacing)
             if size != tuple(x.shape[1:]):
-                x = _apply(Resize(size, mode="trilinear"), x)
-                m = None if m is None else _apply(Resize(size, mode="nearest"), m)
-        x = _apply(ResizeWithPadOrCrop(spatial, mode="edge"), x)
-        m = None if m is None else _apply(ResizeWithPadOrCrop(spatial), m)
+                x = resize(x, size, "trilinear")
+                m = None if m is None else resize(m, size, "nearest")
+        x = pad_or_crop(x, spatial, "edge")
+        m = None if m is None else pad_or_crop(m, spatial)
     elif config.fit == "resize":
         if tuple(x.shape[1:]) != spatial:
-            x = _apply(Resize(spatial, mode="area"), x)
-            m = None if m is None else _apply(Resize(spatial, mode="nearest"), m)
+            x = resize(x, spatial, "area")
+            m = None if m is None else resize(m, spatial, "nearest")
     else:
-        x = _apply(ResizeWithPadOrCrop(spatial, mode="edge"), x)
-        m = None if m is None else _apply(ResizeWithPadOrCrop(spatial), m)
+        x = pad_or_crop(x, spatial, "edge")
+        m = None if m is None else pad_or_crop(m, spatial)
     return x.astype(np.float32), None if m is None else np.rint(m).astype(np.uint8)
 
 
-def _apply(transform: Callable[..., Any], arr: np.ndarray) -> np.ndarray:
-    """A MONAI array transform on a numpy array (MONAI accepts numpy at runtime though its hints say Tensor)."""
-    return _np(transform(arr))
+def resize(x: np.ndarray, size: tuple[int, ...], mode: str) -> np.ndarray:
+    """(C, *spatial) float32 resized to `size` by torch's interpolate (mode "area", "nearest", "bilinear",
+    "trilinear"; align_corners unset): MONAI's `Resize(size, mode)`, which returns an input already of that size as
+    it is."""
+    if tuple(x.shape[1:]) == tuple(size):
+        return x.astype(np.float32, copy=False)
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    return torch.nn.functional.interpolate(tensor, size=tuple(size), mode=mode)[0].numpy()
 
 
-def _np(value: Any) -> np.ndarray:
-    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+def pad_or_crop(x: np.ndarray, size: tuple[int, ...], mode: Literal["constant", "edge"] = "constant") -> np.ndarray:
+    """(C, *spatial) cropped about its centre where larger than `size`, then padded symmetrically where smaller
+    (`mode` "constant": zeros, or "edge"): MONAI's `ResizeWithPadOrCrop(size, mode=mode)`, whose crop starts at
+    n // 2 - size // 2 and whose pad puts the odd voxel after."""
+    crop = tuple(slice(max(n // 2 - t // 2, 0), max(n // 2 - t // 2, 0) + t) for n, t in zip(x.shape[1:], size))
+    x = x[(slice(None), *crop)]
+    widths = [(0, 0)] + [(max(t - n, 0) // 2, max(t - n, 0) - max(t - n, 0) // 2) for n, t in zip(x.shape[1:], size)]
+    return np.pad(x, widths, mode=mode) if any(w != (0, 0) for w in widths) else x

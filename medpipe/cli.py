@@ -333,6 +333,12 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
     for k, v in attrs["counts"].items():
         table.add_row(k, str(v))
     table.add_row("kind / sample shape", f"{attrs['kind']} {attrs['sample_shape']}")
+    stored = (attrs.get("config") or {}).get("store") or {}
+    dtype = str(stored.get("training_dtype", "float32"))
+    if attrs.get("layout") == "volumes":
+        table.add_row("training volumes", f"CT (HU) {stored.get('volume_codec', 'blosc')}, other images {dtype}")
+    else:
+        table.add_row("training images", "uint8, steps of 1/255 (read as float32)" if dtype == "uint8" else dtype)
     plan = attrs.get("plan")
     if attrs.get("layout") == "volumes" and plan:
         table.add_row("layout", "volumes: whole cases, RAS, resampled (training/volumes/<i>)")

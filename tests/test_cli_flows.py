@@ -35,6 +35,7 @@ def test_info_shows_counts_splits_fingerprint(store_2d):
     for word in ("discovered", "splits", "train", "fingerprint", "content hash", "CT", "DX",
                  "patient identity from", "series split into acquisitions", "SOPInstanceUID collisions"):
         assert word in result.output
+    assert any("training images" in line and "float32" in line for line in result.output.splitlines())
 
 
 def test_train_then_evaluate_writes_report(store_2d, tmp_path):

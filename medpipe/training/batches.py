@@ -56,16 +56,16 @@ class _Ring:
         self.key = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.slot_bytes = slot_bytes
         self.block = _uint8_block(torch.UntypedStorage._new_shared(ALIGN + RING_SLOTS * slot_bytes))
-        self.states = self.block[: 4 * RING_SLOTS].view(torch.int32)
-        self.states.zero_()
+        self.states = _slot_states(self.block)
+        self.states[...] = 0
         self.sent = False  # whether the main process has been sent the ring's descriptor
 
     def acquire(self) -> int:
         """A free slot, marked in use; -1 when the main process still holds all of them."""
-        free = torch.nonzero(self.states == 0)
-        if not free.numel():
+        free = np.flatnonzero(self.states == 0)
+        if not free.size:
             return -1
-        slot = int(free[0, 0])
+        slot = int(free[0])
         self.states[slot] = 1
         return slot
 
@@ -79,7 +79,13 @@ class _Ring:
 
 
 _ring: _Ring | None = None  # this worker's ring
-_rings: dict[str, torch.Tensor] = {}  # main process: the rings of the workers, by key (worker pid first)
+_rings: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # main process: each worker's ring and its slot states, by
+# key (worker pid first)
+
+
+def _slot_states(block: torch.Tensor) -> np.ndarray:
+    """The int32 slot states at the head of a ring, as numpy (a torch element write costs ~50x a numpy one)."""
+    return block[: 4 * RING_SLOTS].numpy().view(np.int32)
 
 
 def _worker_ring(nbytes: int) -> _Ring | None:
@@ -103,7 +109,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _free_slot(states: torch.Tensor, slot: int) -> None:
+def _free_slot(states: np.ndarray, slot: int) -> None:
     states[slot] = 0
 
 
@@ -114,13 +120,14 @@ def batch_from_ring(key: str, ring: torch.Tensor | None, slot: int, slot_bytes: 
     if ring is not None:
         for old in [k for k in _rings if not _pid_alive(int(k.split("-")[0]))]:
             del _rings[old]  # rings of workers that have exited
-        _rings[key] = ring
-    block = _rings.get(key)
-    if block is None:
+        _rings[key] = (ring, _slot_states(ring))
+    known = _rings.get(key)
+    if known is None:
         raise RuntimeError(f"DataLoader batch ring {key} is unknown in this process")
+    block, states = known
     start = ALIGN + slot * slot_bytes
     held = block[start : start + total].numpy().view()  # its own array object: every view below keeps it alive
-    weakref.finalize(held, _free_slot, block[: 4 * RING_SLOTS].view(torch.int32), slot)
+    weakref.finalize(held, _free_slot, states, slot)
     return _views(torch.from_numpy(held), layout)
 
 

@@ -217,7 +217,7 @@ def ingest(
     archive_codec: Optional[str] = typer.Option(None, help="archive codec: auto (JPEG-LS for integer images), "
                                                 "jpegls, zstd, lz4 or none (all lossless)"),
     volume_codec: Optional[str] = typer.Option(None, help="3D volumes' CT (HU) images: blosc (default) or jpegls "
-                                               "(lossless, ~35% smaller, slower to read)"),
+                                               "(lossless; smaller on noisy native-resolution CT; slower to read)"),
     key_secret: Optional[str] = KEY_SECRET_OPTION,
     progress: bool = typer.Option(True, help="show progress bars"),
     retry_quarantined: bool = typer.Option(False, "--retry-quarantined",

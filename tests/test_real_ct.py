@@ -3,7 +3,8 @@ of 18.5 deg and two slice spacings in one series (4.22 mm, then 7.38 mm).
 
 Oracles that are not medpipe: pydicom's decode of each file (pixels), the DICOM standard's pixel-position equation
 (PS3.3 C.7.6.2.1.1) from each file's own ImagePositionPatient / ImageOrientationPatient / PixelSpacing (geometry),
-and the source's intensity distribution (training volumes).
+the source's intensity distribution (training volumes), and the normalised reads of a store that kept the
+air's full HU range (the floor below the CT foreground).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import zarr
 from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest.pipeline import ingest_in_process
-from medpipe.store import open_store, read_json
+from medpipe.ingest import volume_cases
+from medpipe.store import attrs_of, open_store, read_json
+from medpipe.volumes import open_case
 from tests.dicom_corpus import unpack_ge_ct
 from tests.phi_scan import store_text
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+CONFIG = IngestConfig(files_per_shard=28, preprocess=PreprocessConfig(kind="3d", shape=(16, 64, 64)))
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,7 @@ def real_ct(deid_key_module, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-ct")
     source = unpack_ge_ct(root)
     store = root / "ct.zarr"
-    config = IngestConfig(files_per_shard=28, preprocess=PreprocessConfig(kind="3d", shape=(16, 64, 64)))
-    summary = ingest_in_process(str(source), str(store), config, resolve_key())
+    summary = ingest_in_process(str(source), str(store), CONFIG, resolve_key())
     files = sorted(source.iterdir())
     headers = [pydicom.dcmread(f) for f in files]
     order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])  # the table moves along z
@@ -75,16 +78,33 @@ def test_archive_pixels_are_pydicoms_and_the_affine_is_each_files_own_geometry(r
                 np.testing.assert_allclose(affine @ [col, row, k, 1.0], [*_world(header, row, col), 1.0], atol=1e-3)
 
 
-def test_training_volumes_keep_the_sources_hounsfield_distribution(real_ct):
+def test_training_volumes_keep_the_sources_hounsfield_distribution_above_the_ct_foreground(real_ct):
     store, _, headers = real_ct
     source = np.stack([h.pixel_array * float(h.RescaleSlope) + float(h.RescaleIntercept) for h in headers])
     volumes = zarr.open_group(str(store / "training" / "volumes"), mode="r")
     cases = sorted(volumes.group_keys())
     training = np.concatenate([np.asarray(volumes[case]["image"][...]).ravel() for case in cases])
     assert training.dtype == np.int16 and len(cases) == 2
-    assert abs(np.median(training) - np.median(source)) <= 5  # HU, after resampling to the planned spacing
-    assert abs((training < -900).mean() - (source < -900).mean()) < 0.02  # air
+    # below -500 HU (air, the scanner's -1500 outside its field of view) every value is -500: see the next test
+    assert training.min() == -500 and (source < -500).mean() > 0.4
+    floored = np.maximum(source, -500)
+    assert abs(np.median(training) - np.median(floored)) <= 5  # HU, after resampling to the planned spacing
+    assert abs((training == -500).mean() - (floored == -500).mean()) < 0.02  # air
     assert abs((training > 300).mean() - (source > 300).mean()) < 0.01  # bone
+
+
+def test_flooring_the_air_leaves_every_normalised_training_read_unchanged(real_ct, tmp_path, monkeypatch):
+    store, _, _ = real_ct
+    monkeypatch.setattr(volume_cases, "floor_below_ct_foreground", lambda hu: hu)  # the full HU range, as before
+    unfloored = tmp_path / "unfloored.zarr"
+    ingest_in_process(str(store.parent / "GE"), str(unfloored), CONFIG, resolve_key())
+    for path in (store, unfloored):
+        assert attrs_of(open_store(str(path)))["normalization"]["CT"]["p00_5"] > -500
+    raw = [np.asarray(open_store(str(unfloored))[f"training/volumes/{i}/image"][...]) for i in (0, 1)]
+    assert min(int(r.min()) for r in raw) == -1500  # that store really kept the air's HU
+    for i in (0, 1):
+        floored, full = (open_case(open_store(str(path)), i).image for path in (store, unfloored))
+        np.testing.assert_array_equal(floored[...], full[...])
 
 
 def test_no_identifier_of_the_source_reaches_the_store(real_ct):

@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from medpipe.config import IngestConfig, PreprocessConfig, SplitConfig, load_config
 from medpipe.manifest import check_references, parse_manifest
-from medpipe.preprocess import NotTrainable, convert_channels, normalize, to_training_sample
+from medpipe.fingerprint import compute_fingerprint, intensity_sample
+from medpipe.preprocess import NotTrainable, convert_channels, floor_below_ct_foreground, normalize, to_training_sample
 from medpipe.splits import patient_labels, split_patients, split_warnings
 
 
@@ -69,6 +72,26 @@ def test_channel_conversion_and_normalisation():
     mr = np.random.default_rng(1).normal(100, 20, (1, 8, 8, 8))
     z = normalize(mr, "MR", None)
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_the_ct_floor_changes_no_normalised_value_whatever_the_datasets_foreground(dtype):
+    rng = np.random.default_rng(5)
+    for trial in range(20):  # CT of varied make-up: air, fat, soft tissue, bone, lung-heavy or bone-heavy
+        centres = rng.choice([-1000, -850, -510, -499, -100, 40, 700, 1500], size=3)
+        hu = np.concatenate([rng.normal(c, rng.uniform(1, 60), 4000) for c in centres]).astype(dtype)
+        sample = intensity_sample(hu, "CT", seed=trial)  # as the ingest draws it
+        if not sample:
+            continue
+        record = SimpleNamespace(modality="CT", spacing=(1.0, 1.0, 1.0), shape=(1, 4, 100, 30), is_volume=True,
+                                 intensity_sample=sample)  # what compute_fingerprint reads of an archive record
+        norm = compute_fingerprint([record])["modalities"]["CT"]["intensity"]
+        floored = floor_below_ct_foreground(hu.copy())
+        assert floored.dtype == hu.dtype and floored.min() >= -500
+        np.testing.assert_array_equal(normalize(floored, "CT", norm), normalize(hu, "CT", norm))
+    frozen = np.array([-1000, 0], np.int16)
+    frozen.flags.writeable = False
+    assert floor_below_ct_foreground(frozen).tolist() == [-500, 0] and frozen.tolist() == [-1000, 0]
 
 
 def test_config_yaml_and_overrides(tmp_path):

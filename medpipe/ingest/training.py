@@ -288,7 +288,8 @@ def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int
         for offset, modality in enumerate(modalities):
             case = f"training/volumes/{start + offset}"
             if modality in layout.deferred and not layout.normalization.get(modality) and case in root:
-                # no dataset statistics: z-scored per case, which a read of a patch cannot do
+                # no dataset statistics: z-scored per case, which a read of a patch cannot do (for CT, of
+                # values floored at CT_FOREGROUND_HU: a dataset without statistics has no voxel above it)
                 image = for_writing(get_array(root, f"{case}/image"))
                 stored = normalize(np.asarray(image[...]), modality, None).astype(image.dtype, copy=False)
                 image[...] = stored

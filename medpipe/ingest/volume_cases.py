@@ -14,7 +14,7 @@ from medpipe.config import PreprocessConfig, StoreConfig
 from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.planning import SegmentationPlan, plan_segmentation
-from medpipe.preprocess import NotTrainable, convert_channels, normalize
+from medpipe.preprocess import NotTrainable, convert_channels, floor_below_ct_foreground, normalize
 from medpipe.store import read_archive_image
 from medpipe.volumes import VOLUMES, CaseGeometry, plan_geometry, ras_affine, to_stored, write_case
 
@@ -106,6 +106,8 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
         # 0.5 HU, the source's own quantisation step): half the bytes of float32 and far better compression
         info = np.iinfo(pixels.dtype)
         stored = np.clip(np.rint(stored), info.min, info.max).astype(pixels.dtype)
+    if record.modality == "CT" and record.modality in deferred:
+        stored = floor_below_ct_foreground(stored)  # normalised reads unchanged; the air compresses to nothing
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
     raw = record.modality if record.modality in deferred else None
     result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config, raw))

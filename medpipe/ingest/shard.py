@@ -13,7 +13,7 @@ import zarr
 from medpipe.config import IngestConfig
 from medpipe.deid import DeidKey
 from medpipe.ingest.archive import DecodedUnit, decode_unit, previous_unit
-from medpipe.ingest.limits import bound_codec_threads, image_byte_limit
+from medpipe.ingest.limits import image_byte_limit, prepare_worker
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.mask_check import AssembleResult, capture_failure
 from medpipe.ingest.records import ArchiveFailure, ArchiveResult, Unit
@@ -48,7 +48,7 @@ def ingest_shard(source_url: str, store_url: str, work: ShardWork, key: DeidKey,
                  run_id: str) -> ShardResult:
     """Archive every unit of `work` (skipping units archived earlier from the same inputs) and make the training
     samples of its rows from the same decoded arrays."""
-    bound_codec_threads()
+    prepare_worker()
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     existing = set() if work.fresh else set(get_group(root, "archive").group_keys())  # one listing

@@ -16,7 +16,7 @@ import zarr
 
 from medpipe.codecs import as_stored, for_writing, training_images_chain
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
-from medpipe.ingest.limits import bound_codec_threads
+from medpipe.ingest.limits import prepare_worker
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.records import ArchiveRecord, Unit
 from medpipe.preprocess import NotTrainable, check_kind, normalize, to_training_sample
@@ -279,7 +279,7 @@ def normalize_rows(store_url: str, layout: TrainingLayout, start: int, stop: int
     """Normalise the deferred-modality samples of rows [start, stop) (fixed layout) or cases (volumes) in place with
     the dataset's statistics (`layout.normalization`): CT clipped and z-scored as nnU-Net does. Returns the new
     digests of what it rewrote."""
-    bound_codec_threads()
+    prepare_worker()
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     modalities = layout.modalities[start - layout.offset : stop - layout.offset]
@@ -315,7 +315,7 @@ def assemble_range(store_url: str, layout: TrainingLayout, start: int, stop: int
 
     Samples that cannot be made are returned as failures: the caller excludes them (split -1), so one bad image
     never stops the run and never trains as a zero-filled sample. Each sample with a mask gets a mask check."""
-    bound_codec_threads()
+    prepare_worker()
     check_lock(store_url, run_id)
     root = open_store(store_url, mode="a")
     if layout.layout == "volumes":

@@ -89,7 +89,7 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
                       deferred: Sequence[str] = ()) -> None:
     """Write case `index` from a decoded image (C, Z, Y, X) and mask: canonical RAS, resampled to
     `target_spacing`, normalised (modalities in `deferred` keep their raw intensities: normalised as read, see
-    medpipe.volumes.open_case); its digests and mask check go to `result`. Raises NotTrainable when the case is too large after resampling."""
+    medpipe.volumes.open_case; CT below the CT foreground floored, `floor_below_ct_foreground`); its digests and mask check go to `result`. Raises NotTrainable when the case is too large after resampling."""
     geometry = case_geometry(record, target_spacing)
     voxels = int(np.prod(geometry.shape))
     if voxels > config.max_volume_voxels:

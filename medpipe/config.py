@@ -93,9 +93,9 @@ class StoreConfig(_Section):
                               "case's arrays; a patch read decodes only the chunks it touches")
     volume_codec: Literal["blosc", "jpegls"] = Field(
         default="blosc", description="volumes layout: codec of the case images that keep integer intensities (CT in "
-        "HU): blosc (`codec`/`level`, decoded at ~1 GB/s) or jpegls (lossless; ~35 % smaller on noisy, natively "
-        "sampled CT, no smaller on upsampled or phantom volumes; decoded at ~120 MB/s per loader process; "
-        "docs/benchmarks.md); float images always use Blosc")
+        "HU): blosc (`codec`/`level`, decoded at ~1 GB/s) or jpegls (lossless; ~15 % smaller on natively sampled "
+        "CT such as dcm_qa_ct's GE series, larger on volumes upsampled along z or phantoms in air; decoded at "
+        "~120 MB/s per loader process; docs/benchmarks.md); float images always use Blosc")
 
 
 class SplitConfig(_Section):

@@ -4,6 +4,7 @@
                                      the same files: pydicom decode, stack (1, Z, Y, X), zarr write with the archive's
                                      codec chain and chunks, and each NIfTI mask decoded by nibabel and written with
                                      the archive mask's (page cache warm for both); source MB/s over source MB/s.
+                                     Both sides with one codec/torch thread, as a Dask worker of one thread has
                                      Without the masks: `ingest_per_worker_vs_image_decode_write`
   ingest_2_workers_vs_1              the same CT ingest on a Dask LocalCluster of 2 workers vs 1 (processes, 1 thread
                                      each; each cluster started and its workers' imports done before the timer);
@@ -438,8 +439,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def one_thread_per_codec() -> None:
+    """Blosc, zarr's codec pool and torch on one thread in this process, as in a Dask worker of one thread
+    (medpipe.ingest.limits.bound_codec_threads; Dask's nanny sets OMP threads to 1): the per-worker figure's two
+    sides then get one core each, as a worker does, not both cores' threads. Before zarr's pool is first used."""
+    import numcodecs.blosc
+    import torch
+    import zarr
+
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": 1})
+    torch.set_num_threads(1)
+
+
 def main() -> None:
     args = parse_args()
+    one_thread_per_codec()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     src = make_sources(out, args)

@@ -29,6 +29,7 @@ from medpipe.codecs import WRITE_CONFIG, for_writing
 from medpipe.deid import DeidAudit, DeidKey, Pseudonymizer, key_check_record
 from medpipe.errors import write_traceback
 from medpipe.ingest.discover import discover_files, is_local_fs, make_shards, source_fs
+from medpipe.ingest.limits import prepare_worker
 from medpipe.ingest.lock import check_lock
 from medpipe.ingest.pipeline import TASKS_PER_WORKER, Driver, Mapper, check_source_and_store, check_store_key
 from medpipe.manifest import Manifest, check_references, load_manifest
@@ -261,6 +262,7 @@ def windows_of(raw: SignalRecord, pseudonyms: Pseudonymizer, patient_id: str, co
 def read_record_shard(run: SignalRun, key: DeidKey, shard_index: int, paths: Sequence[str]) -> ShardOutcome:
     """Read, check, de-identify, convert to mV, resample and window every record of a shard; each record's
     windows go to a staging array in the store. Bad records are quarantined, never raised."""
+    prepare_worker()  # in a Dask worker: codec threads and freed memory as for the image ingest
     check_lock(run.store, run.run_id)
     config = run.config
     pseudonyms = Pseudonymizer(key)
@@ -365,6 +367,7 @@ def plan_signal_store(run: SignalRun, outcomes: Sequence[ShardOutcome]) -> Store
 def assemble_signal_shard(run: SignalRun, plan: StorePlan, start: int, stop: int) -> dict[str, str]:
     """Write rows [start, stop) of `signals` (whole shards) from the staging arrays, leads in the store's order;
     returns the digests of the windows written."""
+    prepare_worker()
     check_lock(run.store, run.run_id)
     root = open_store(run.store, mode="a")
     block = np.zeros((stop - start, len(plan.leads), run.config.window_samples), np.float32)

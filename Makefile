@@ -44,9 +44,11 @@ deploy: work-pools
 serve: $(STAMP)
 	$(PY) deployments/serve.py
 
-# Issues 11 and 12's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md).
-# REAL_CT=DIR: folder of real CT series for store_vs_source_ct (e.g. dcm_qa_ct/In), else the generated CT.
+# Issues 11 and 12's figures: each script prints its lines and, last, one JSON object of ratios (docs/benchmarks.md);
+# machine.py first: how far this machine's cores and memory scale to 2 processes, the ceiling of the N-worker figures.
+# REAL_CT=DIR: folder of real CT series for store_vs_source_ct (e.g. dcm_qa_ct/In), else the GE series in tests/data.
 bench: $(STAMP)
+	$(PY) benchmarks/machine.py --json
 	$(PY) benchmarks/ingest.py --json $(if $(REAL_CT),--real-ct $(REAL_CT))
 	$(PY) benchmarks/loader.py --json
 	$(PY) benchmarks/signals.py --json

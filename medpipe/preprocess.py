@@ -63,14 +63,15 @@ def normalize(pixels: np.ndarray, modality: str, norm: dict[str, Any] | None) ->
     return ((x - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
 
 
-def floor_below_ct_foreground(hu: np.ndarray) -> np.ndarray:
-    """Raw CT intensities (HU, any shape) with every value below CT_FOREGROUND_HU raised to it, in place when
-    writable. Training reads normalise raw CT by clipping at the dataset's foreground 0.5th percentile, a percentile
-    of values above CT_FOREGROUND_HU (medpipe.fingerprint), so they cannot tell these values apart: normalised reads
-    are unchanged, while the air's noise (half of a head CT's voxels, most of its compressed bytes) becomes one
-    value. Only for copies that are read through that normalisation; the archive keeps every HU."""
+def floor_below_ct_foreground(hu: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Raw CT intensities (HU, any shape) with every value below CT_FOREGROUND_HU raised to it (a new array, or
+    `hu` itself with `in_place`: only for an array no one else holds). Training reads normalise raw CT by clipping
+    at the dataset's foreground 0.5th percentile, a percentile of values above CT_FOREGROUND_HU
+    (medpipe.fingerprint), so they cannot tell these values apart: normalised reads are unchanged, while the air's
+    noise (half of a head CT's voxels, most of its compressed bytes) becomes one value. Only for copies that are
+    read through that normalisation; the archive keeps every HU."""
     floor = np.asarray(CT_FOREGROUND_HU).astype(hu.dtype)
-    return np.maximum(hu, floor, out=hu if hu.flags.writeable else None)
+    return np.maximum(hu, floor, out=hu if in_place else None)
 
 
 def resampled_size(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest.pipeline import ingest_in_process
 from medpipe.ingest import volume_cases
+from medpipe.ingest.finalize import verify_store
 from medpipe.store import attrs_of, open_store, read_json
 from medpipe.volumes import open_case
 from tests.dicom_corpus import unpack_ge_ct
@@ -95,7 +96,7 @@ def test_training_volumes_keep_the_sources_hounsfield_distribution_above_the_ct_
 
 def test_flooring_the_air_leaves_every_normalised_training_read_unchanged(real_ct, tmp_path, monkeypatch):
     store, _, _ = real_ct
-    monkeypatch.setattr(volume_cases, "floor_below_ct_foreground", lambda hu: hu)  # the full HU range, as before
+    monkeypatch.setattr(volume_cases, "floor_below_ct_foreground", lambda hu, in_place=False: hu)  # full HU range
     unfloored = tmp_path / "unfloored.zarr"
     ingest_in_process(str(store.parent / "GE"), str(unfloored), CONFIG, resolve_key())
     for path in (store, unfloored):
@@ -113,3 +114,30 @@ def test_no_identifier_of_the_source_reaches_the_store(real_ct):
     identifiers = {str(headers[0].PatientID), str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID),
                    str(headers[0].FrameOfReferenceUID), *(str(h.SOPInstanceUID) for h in headers)}
     assert identifiers and not [value for value in identifiers if value in text]
+
+
+def test_the_floor_never_reaches_the_archive_of_a_case_stored_as_decoded(deid_key_module, tmp_path):
+    """A RAS NIfTI CT at the planned spacing is stored without reorienting or resampling, i.e. as the very array that
+    was decoded, which the archive writer encodes later in the same task: the floor must not change it there."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(3)
+    hu = rng.normal(-1000, 20, size=(24, 20, 16))  # air, (X, Y, Z) as NIfTI stores it
+    hu[6:18, 5:15, 3:13] = rng.normal(40, 30, size=(12, 10, 10))  # a body
+    hu = np.round(hu).astype(np.int16)
+    source = tmp_path / "src"
+    source.mkdir()
+    nib.save(nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.0, 1.0])), str(source / "ct.nii.gz"))
+    store = tmp_path / "ras.zarr"
+    config = IngestConfig(files_per_shard=1, nifti_modality="CT",
+                          preprocess=PreprocessConfig(kind="3d", shape=(8, 16, 16)))
+    summary = ingest_in_process(str(source), str(store), config, resolve_key())
+    assert summary["counts"]["ingested"] == 1
+    root = open_store(str(store))
+    (unit,) = [dict(group.attrs)["medpipe"] for _, group in root["archive"].groups()]
+    archived = np.asarray(root["archive"][unit["id"]]["0"][...])[0]  # (Z, Y, X)
+    np.testing.assert_array_equal(archived, hu.transpose(2, 1, 0))  # every HU, the air's included
+    case = np.asarray(root["training/volumes/0/image"][...])[0]
+    assert case.shape == archived.shape and case.min() == -500  # stored as decoded, then floored
+    np.testing.assert_array_equal(case, np.maximum(archived, -500))
+    assert verify_store(str(store)) == []

@@ -89,9 +89,9 @@ def test_the_ct_floor_changes_no_normalised_value_whatever_the_datasets_foregrou
         floored = floor_below_ct_foreground(hu.copy())
         assert floored.dtype == hu.dtype and floored.min() >= -500
         np.testing.assert_array_equal(normalize(floored, "CT", norm), normalize(hu, "CT", norm))
-    frozen = np.array([-1000, 0], np.int16)
-    frozen.flags.writeable = False
-    assert floor_below_ct_foreground(frozen).tolist() == [-500, 0] and frozen.tolist() == [-1000, 0]
+    given = np.array([-1000, 0], np.int16)
+    assert floor_below_ct_foreground(given).tolist() == [-500, 0] and given.tolist() == [-1000, 0]  # a new array
+    assert floor_below_ct_foreground(given, in_place=True) is given and given.tolist() == [-500, 0]
 
 
 def test_config_yaml_and_overrides(tmp_path):

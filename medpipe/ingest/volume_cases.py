@@ -106,8 +106,10 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
         # 0.5 HU, the source's own quantisation step): half the bytes of float32 and far better compression
         info = np.iinfo(pixels.dtype)
         stored = np.clip(np.rint(stored), info.min, info.max).astype(pixels.dtype)
-    if record.modality == "CT" and record.modality in deferred:
-        stored = floor_below_ct_foreground(stored)  # normalised reads unchanged; the air compresses to nothing
+    if record.modality == "CT" and record.modality in deferred:  # normalised reads unchanged; the air compresses
+        # in place only on a copy: a case stored as decoded (no reorientation, no resampling) is the decoded array,
+        # which the archive writer may not have encoded yet
+        stored = floor_below_ct_foreground(stored, in_place=not np.may_share_memory(stored, pixels))
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
     raw = record.modality if record.modality in deferred else None
     result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config, raw))

@@ -135,10 +135,15 @@ def blosc(cname: Literal["zstd", "lz4"], level: int) -> zc.BloscCodec:
     return zc.BloscCodec(cname=cname, clevel=level)
 
 
-def _blosc_chain(codec: str, level: int) -> tuple[Any, ...]:
+def _blosc_chain(codec: str, level: int, bytes_8bit: bool = False) -> tuple[Any, ...]:
+    """The compressors of `codec` ("none": none). `bytes_8bit`: the bytes reaching Blosc are 8-bit values whatever
+    the array's dtype (after a packing filter), so bit shuffle and typesize 1 are set here, not by zarr."""
     if codec == "none":
         return ()
-    return (blosc("lz4" if codec == "lz4" else "zstd", level),)
+    cname: Literal["zstd", "lz4"] = "lz4" if codec == "lz4" else "zstd"
+    if bytes_8bit:
+        return (zc.BloscCodec(cname=cname, clevel=level, shuffle="bitshuffle", typesize=1),)
+    return (blosc(cname, level),)
 
 
 # zarr skips a chunk that equals the fill value, and tests every chunk for it with np.array_equal(equal_nan=True)
@@ -189,8 +194,7 @@ def training_images_chain(config: StoreConfig) -> tuple[np.dtype[Any], dict[str,
         dt = np.dtype(config.training_dtype)
         return dt, codec_chain("training_images", config, dt)
     packing = FixedScaleOffset(offset=0, scale=UINT8_SCALE, dtype="<f4", astype="u1")
-    compressors = () if config.codec == "none" else (zc.BloscCodec(
-        cname="lz4" if config.codec == "lz4" else "zstd", clevel=config.level, shuffle="bitshuffle", typesize=1),)
+    compressors = _blosc_chain(config.codec, config.level, bytes_8bit=True)
     return np.dtype(np.float32), {"filters": (packing,), "serializer": "auto", "compressors": compressors,
                                   "config": WRITE_CONFIG}
 

@@ -8,7 +8,10 @@ against
   (a) the codec's own decode rate: every chunk's stored bytes read once into memory, then decoded in a tight loop
       (single-threaded, as each loader process decodes): the limit for a compressed store;
   (b) in-memory tensors indexed in batches (`tensor[perm[batch]]`);
-  (c) MONAI PersistentDataset and CacheDataset through a DataLoader (0 workers).
+  (c) MONAI PersistentDataset and CacheDataset through a DataLoader (0 workers);
+  (d) decode + gather without the loader: the sampler's batches of one epoch, each chunk decoded into buffers
+      reused as the loader's chunk LRU reuses them, rows gathered with numpy (float32/float16 stores): the floor of
+      any design that decodes whole chunks and then gathers a shuffled batch, on this machine.
 Chunk-read stage alone: ChunkReader vs zarr slicing vs tensorstore (when installed) on the same chunks.
 3D: patches/s of PatchDataset's read_patch (raw, 0 workers) against the codec decode of the chunks each patch
 touches (image and mask).
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchmarks._common import ratio_line  # noqa: E402
 from benchmarks.patches import write_cases  # noqa: E402
 from medpipe.config import StoreConfig  # noqa: E402
-from medpipe.training.chunk_reader import ChunkReader  # noqa: E402
+from medpipe.training.chunk_reader import ChunkReader, decode_chunk  # noqa: E402
 from medpipe.training.data import (BlockShuffleSampler, ZarrImageDataset, collate_samples, seed_worker,  # noqa: E402
                                    worker_context)
 from medpipe.training.patches import PatchDataset  # noqa: E402
@@ -111,6 +114,44 @@ def codec_decode_rate(reader: ChunkReader, coords: list[tuple[int, ...]], per_it
         return len(per_item)
 
     return best_rate(run, repeats, "codec_decode")
+
+
+def decode_gather_rate(reader: ChunkReader, batches: list[np.ndarray], held: int, repeats: int) -> float:
+    """Samples/s of the loader's work without the loader: for each of the sampler's batches (store rows, one run per
+    chunk), decode the chunks not yet held (from stored bytes in memory, into `held` buffers reused oldest first, as
+    the loader's chunk LRU does) and gather the batch's rows into one output with numpy. The floor of any
+    decode-then-gather design on this machine; the gap between it and the codec's own rate is memory traffic (the
+    decoded chunks leave the CPU cache before their rows are gathered), the gap to the loader is the loader's own."""
+    c = reader.layout.chunk_len
+    blobs = [None if b is None else np.array(b) for b in reader.fetch(list(range(reader.n_chunks)))]
+    plan = []  # per batch: (chunk id, rows in chunk, output slice)
+    for rows in batches:
+        chunk_of = rows // c
+        edges = [0, *(np.flatnonzero(np.diff(chunk_of)) + 1).tolist(), rows.size]
+        plan.append([(int(chunk_of[a]), rows[a:b] - int(chunk_of[a]) * c, slice(a, b)) for a, b in zip(edges, edges[1:])])
+    out = np.empty((max(r.size for r in batches), *reader.shape[1:]), reader.layout.dtype)
+    buffers = [np.empty(reader.layout.chunk_shape, reader.layout.dtype) for _ in range(held)]
+
+    def run() -> int:
+        where: dict[int, int] = {}  # chunk id -> buffer holding it
+        owner = [-1] * held
+        turn = 0
+        for parts in plan:
+            for cid, local, sel in parts:
+                k = where.get(cid)
+                if k is None:
+                    k, turn = turn, (turn + 1) % held
+                    where.pop(owner[k], None)
+                    owner[k], where[cid] = cid, k
+                    decode_chunk(blobs[cid], buffers[k], reader.layout.compressor)
+                np.take(buffers[k], local, axis=0, out=out[sel], mode="clip")
+        return sum(r.size for r in batches)
+
+    rate = best_rate(run, repeats)
+    for cid, local, sel in plan[-1]:  # a baseline that gathered other rows would be no baseline
+        if not np.array_equal(out[sel], reader.read([cid])[0][local]):
+            raise AssertionError(f"decode + gather read other rows than the store holds (chunk {cid})")
+    return rate
 
 
 def zarr_slicing_rate(array: zarr.Array, repeats: int) -> float:
@@ -253,6 +294,11 @@ def main() -> None:
         fig["persistent_dataset_samples_per_s"], fig["cache_dataset_samples_per_s"] = monai_rates(
             images, labels, f"{tmp}/persistent", args.epochs)
         ds = ZarrImageDataset(url, "train", cache="none")
+        if reader.direct and reader.layout.unpack is None:  # float32/float16 stores (packed ones unpack as well)
+            held = max(1, ds.chunk_cache_bytes // (reader.layout.chunk_len * int(np.prod(reader.shape[1:]))
+                                                   * reader.layout.dtype.itemsize))
+            fig["decode_gather_samples_per_s"] = decode_gather_rate(
+                reader, [ds.indices[b] for b in BlockShuffleSampler(ds, BATCH, seed=0).batches()], held, repeats)
         for workers, deal, key in ((0, True, "0_workers"), (w, True, f"{w}_workers"), (w, False, f"{w}_workers_undealt")):
             loader, sampler = zarr_loader(ds, workers, deal)
             rate, started, cpu = loader_rate(loader, args.epochs, sampler.set_epoch)
@@ -275,6 +321,9 @@ def main() -> None:
     fig[f"loader_{w}_workers_vs_0_projected"] = min(w, os.cpu_count() or 1) * cpu0 / max(
         fig[f"loader_cpu_us_per_sample_{w}_workers"], 1e-9)
     fig["loader_vs_tensor_batches"] = zero / fig["tensor_batches_samples_per_s"]
+    if "decode_gather_samples_per_s" in fig:
+        fig["decode_gather_vs_codec_decode"] = fig["decode_gather_samples_per_s"] / fig["codec_decode_samples_per_s"]
+        fig["loader_vs_decode_gather"] = zero / fig["decode_gather_samples_per_s"]
     fig["patches_vs_codec_decode"] = fig["patches_per_s"] / fig["patch_limit_per_s"]
 
     print(f"# {args.samples} samples 1x64x64 float32 (blosc-zstd store, {reader.layout.chunk_len} per chunk), batch "
@@ -284,6 +333,11 @@ def main() -> None:
             print(f"{name:<44} {value:>12,.1f}")
     print(ratio_line("loader(0 workers) / codec decode", fig["loader_vs_codec_decode"], ">= 0.8", "samples/s"))
     print(ratio_line("  in CPU time per sample", fig["loader_vs_codec_decode_cpu"], ">= 0.8", "decode / loader"))
+    if "decode_gather_samples_per_s" in fig:
+        print(ratio_line("  decode + gather (no loader) / codec decode", fig["decode_gather_vs_codec_decode"], "-",
+                         "the sampler's batches, numpy only: the floor of decode-then-gather"))
+        print(ratio_line("  loader(0 workers) / decode + gather", fig["loader_vs_decode_gather"], "-",
+                         "what the loader itself costs"))
     print(ratio_line(f"loader({w} workers) / loader(0 workers)", fig[f"loader_{w}_workers_vs_0"], ">= 1.7",
                      f"{w} workers, sampler dealing windows to workers"))
     print(ratio_line("  projected on idle cores from CPU time", fig[f"loader_{w}_workers_vs_0_projected"], ">= 1.7",

@@ -227,7 +227,8 @@ def test_loader_benchmark_json_line():
     figures = json.loads(out.strip().splitlines()[-1])
     for key in ("loader_vs_codec_decode", "loader_1_workers_vs_0", "loader_vs_persistent_dataset",
                 "loader_samples_per_s_0_workers", "codec_decode_samples_per_s", "tensor_batches_samples_per_s",
-                "cache_dataset_samples_per_s", "patches_per_s", "patch_limit_per_s"):
+                "cache_dataset_samples_per_s", "patches_per_s", "patch_limit_per_s", "decode_gather_samples_per_s",
+                "loader_vs_decode_gather"):
         assert figures[key] > 0, key
     assert figures["loader_vs_codec_decode"] == pytest.approx(
         figures["loader_samples_per_s_0_workers"] / figures["codec_decode_samples_per_s"], rel=1e-3)
@@ -250,7 +251,7 @@ def test_packed_batches_travel_through_the_ring_and_free_their_slots(monkeypatch
     specs = {"images": ((3, 1, 4, 4), np.dtype("float32")), "labels": ((3,), np.dtype("int64"))}
 
     def one(value: float) -> tuple[batches.PackedBatch, bytes]:
-        buffers = batches.BatchBuffers(specs, shared=True)
+        buffers = batches.BatchBuffers(specs)
         buffers("images", (3, 1, 4, 4), np.dtype("float32"))[...] = value
         buffers("labels", (3,), np.dtype("int64"))[...] = [1, 2, 3]
         packed = buffers.packed({"images": "image", "labels": "label"})
@@ -274,7 +275,7 @@ def test_packed_batches_travel_through_the_ring_and_free_their_slots(monkeypatch
     packed, _ = one(9.0)  # pickled but never read: its slot stays taken until the main process reads it
     assert int(ring.states.sum()) == 1
     ring.release(packed.slot)
-    unsent = batches.BatchBuffers(specs, shared=True).packed({"images": "image", "labels": "label"})
+    unsent = batches.BatchBuffers(specs).packed({"images": "image", "labels": "label"})
     assert int(ring.states.sum()) == 1
     del unsent  # dropped without being sent (e.g. re-collated by default_collate): the slot is free again
     assert int(ring.states.sum()) == 0
@@ -287,4 +288,4 @@ def test_packed_batches_travel_through_the_ring_and_free_their_slots(monkeypatch
     assert int(ring.states.sum()) == 0
     monkeypatch.setattr(batches, "shared_memory_free_bytes", lambda path=batches.SHM_DIR: 0)
     monkeypatch.setattr(batches, "_ring", None)
-    assert batches.BatchBuffers(specs, shared=True).ring is None  # no room for a ring: one shared block per batch
+    assert batches.BatchBuffers(specs).ring is None  # no room for a ring: one shared block per batch

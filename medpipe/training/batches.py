@@ -185,12 +185,13 @@ class PackedBatch(dict):
 
 
 class BatchBuffers:
-    """Numpy arrays of one batch inside one block (shared memory when `shared`, e.g. inside a DataLoader worker).
+    """Numpy arrays of one batch inside one shared-memory block (a DataLoader worker's ring slot, else a block of
+    its own).
 
     `specs`: name -> (shape, dtype) of every array the batch will hold. Use as the allocator of a read
     (`buffers(name, shape, dtype)`); `packed(names)` gives the collated batch, renamed, as a `PackedBatch`."""
 
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], shared: bool) -> None:
+    def __init__(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
         self.layout: Layout = []
         offset = 0
         for name, (shape, dtype) in specs.items():
@@ -198,8 +199,7 @@ class BatchBuffers:
             self.layout.append((name, offset, np.dtype(dtype).str, shape))
             offset += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
         total = max(offset, ALIGN)
-        self.shared = shared
-        self.ring = _worker_ring(total) if shared else None
+        self.ring = _worker_ring(total)
         self.slot = -1
         if self.ring is not None:
             self.slot = self.ring.acquire()
@@ -207,10 +207,8 @@ class BatchBuffers:
                 self.ring = None
         if self.ring is not None:
             self.block = self.ring.slot(self.slot, total)
-        elif shared:
+        else:
             self.block = _uint8_block(torch.UntypedStorage._new_shared(total))
-        else:  # numpy's allocation reuses freed memory; torch's faulted fresh pages in for each batch (2-3x slower)
-            self.block = torch.from_numpy(np.empty(total, np.uint8))
         self.tensors = _views(self.block, self.layout)
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -347,7 +347,9 @@ class ZarrImageDataset(Dataset):
         already-stacked batch, which `collate_samples` returns without copying (default_collate works too)."""
         if self.transform is None:
             pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-            buffers = BatchBuffers(self._batch_specs(pos.size), shared=torch.utils.data.get_worker_info() is not None)
+            if torch.utils.data.get_worker_info() is None:  # in this process: plain arrays, no block to share
+                return SampleBatch(self._read(pos, _numpy_alloc))
+            buffers = BatchBuffers(self._batch_specs(pos.size))
             return SampleBatch(self._read(pos, buffers), buffers)
         arrays = self.read_arrays(positions)
         images = torch.from_numpy(arrays["images"])
@@ -411,8 +413,7 @@ class SampleBatch(Sequence):
         inside = all(name in held and held[name].data_ptr() == arr.ctypes.data for name, arr in arrays.items())
         self.collated: dict[str, torch.Tensor]
         if buffers is not None and inside:
-            packed = buffers.packed(keys)
-            self.collated = packed if buffers.shared else dict(packed)
+            self.collated = buffers.packed(keys)
         else:
             self.collated = {keys[name]: torch.from_numpy(arr) for name, arr in arrays.items()}
             if buffers is not None:

@@ -336,7 +336,9 @@ def info(store: str = typer.Argument(..., help="Zarr store path or URL")) -> Non
     stored = (attrs.get("config") or {}).get("store") or {}
     dtype = str(stored.get("training_dtype", "float32"))
     if attrs.get("layout") == "volumes":
-        table.add_row("training volumes", f"CT (HU) {stored.get('volume_codec', 'blosc')}, other images {dtype}")
+        floor = attrs.get("ct_raw_floor_hu")
+        below = f"; below {floor:g} stored as {floor:g}" if floor is not None else ""
+        table.add_row("training volumes", f"CT (HU{below}) {stored.get('volume_codec', 'blosc')}, other images {dtype}")
     else:
         table.add_row("training images", "uint8, steps of 1/255 (read as float32)" if dtype == "uint8" else dtype)
     plan = attrs.get("plan")

@@ -221,12 +221,14 @@ def volume_chunks(shape: Sequence[int], chunk_edge: int) -> tuple[tuple[int, ...
 
 
 def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray | None, geometry: CaseGeometry,
-               unit: str, config: StoreConfig, raw_modality: str | None = None) -> dict[str, str]:
+               unit: str, config: StoreConfig, raw_modality: str | None = None,
+               raw_floor: float | None = None) -> dict[str, str]:
     """Write case `index` under training/volumes/ (overwriting it): image (C, Z, Y, X) in the store's training
     dtype (float32, or float16 when configured; raw integer intensities as they are), mask uint8 (1, Z, Y, X) (zeros when None), with dimension names
     and the case's geometry; codecs per layer (medpipe.codecs). Returns the digests of what it stored.
     `raw_modality`: the image keeps its raw intensities (CT in HU) and is normalised as it is read, with the
-    store's `normalization` for that modality (see `open_case`)."""
+    store's `normalization` for that modality (see `open_case`); `raw_floor`: the value every raw intensity below it
+    was raised to (CT: `medpipe.preprocess.floor_below_ct_foreground`), recorded in the case's attributes."""
     group = root.require_group(VOLUMES).create_group(str(index), overwrite=True)
     # raw integer intensities (CT in HU, not resampled) stay integers: exact, and half of float32
     dtype = image.dtype if image.dtype.kind in "iu" and raw_modality else np.dtype(config.training_dtype)
@@ -243,7 +245,8 @@ def write_case(root: zarr.Group, index: int, image: np.ndarray, mask: np.ndarray
                               **codec_chain("volume_mask", config, "uint8"))
     marr[...] = mask
     group.attrs[ATTRS_KEY] = {"unit": unit, "geometry": geometry.to_dict(),
-                              **({"raw_intensities": raw_modality} if raw_modality else {})}
+                              **({"raw_intensities": raw_modality} if raw_modality else {}),
+                              **({"raw_floor": raw_floor} if raw_floor is not None else {})}
     return {f"volumes/{index}/image": sample_digest(stored), f"volumes/{index}/mask": sample_digest(mask)}
 
 

@@ -15,7 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 import zarr
+from typer.testing import CliRunner
 
+from medpipe.cli import app
 from medpipe.config import IngestConfig, PreprocessConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest.pipeline import ingest_in_process
@@ -106,6 +108,19 @@ def test_flooring_the_air_leaves_every_normalised_training_read_unchanged(real_c
     for i in (0, 1):
         floored, full = (open_case(open_store(str(path)), i).image for path in (store, unfloored))
         np.testing.assert_array_equal(floored[...], full[...])
+
+
+def test_the_store_says_where_the_air_was_floored(real_ct):
+    store, summary, _ = real_ct
+    root = open_store(str(store))
+    assert summary["ct_raw_floor_hu"] == attrs_of(root)["ct_raw_floor_hu"] == -500
+    for i in (0, 1):
+        case = root[f"training/volumes/{i}"]
+        assert attrs_of(case)["raw_floor"] == -500
+        assert int(np.asarray(case["image"][...]).min()) == -500
+    shown = CliRunner().invoke(app, ["info", str(store)])
+    assert shown.exit_code == 0, shown.output
+    assert "CT (HU; below -500 stored as -500)" in " ".join(shown.output.split())  # any terminal width
 
 
 def test_no_identifier_of_the_source_reaches_the_store(real_ct):

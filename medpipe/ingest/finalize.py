@@ -13,6 +13,7 @@ import numpy as np
 
 from medpipe import __version__
 from medpipe.deid import DeidAudit
+from medpipe.fingerprint import CT_FOREGROUND_HU
 from medpipe.ingest.records import ArchiveFailure, ArchiveRecord, ArchiveResult, Collision, QuarantineRecord, Unit
 from medpipe.ingest.training import TrainingLayout
 from medpipe.ingest.volume_cases import volume_count
@@ -211,6 +212,8 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "layout": layout.layout,
         "plan": layout.plan,
         "normalization": layout.normalization if layout.layout == "volumes" else None,
+        # raw CT training volumes hold every HU below this as this value (medpipe.preprocess.floor_below_ct_foreground)
+        "ct_raw_floor_hu": CT_FOREGROUND_HU if layout.layout == "volumes" and "CT" in layout.deferred else None,
         "assemble_failures": len(assemble_failures),
         "sample_shape": list(layout.sample_shape),
         "training_spacing": list(layout.target_spacing) if layout.target_spacing is not None else None,

@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from medpipe.config import PreprocessConfig, StoreConfig
+from medpipe.fingerprint import CT_FOREGROUND_HU
 from medpipe.ingest.mask_check import AssembleResult, capture_failure, foreground_amounts, mask_check
 from medpipe.ingest.records import ArchiveRecord
 from medpipe.planning import SegmentationPlan, plan_segmentation
@@ -106,13 +107,15 @@ def write_volume_from(root: zarr.Group, index: int, pixels: np.ndarray, mask: np
         # 0.5 HU, the source's own quantisation step): half the bytes of float32 and far better compression
         info = np.iinfo(pixels.dtype)
         stored = np.clip(np.rint(stored), info.min, info.max).astype(pixels.dtype)
-    if record.modality == "CT" and record.modality in deferred:  # normalised reads unchanged; the air compresses
+    floored = record.modality == "CT" and record.modality in deferred
+    if floored:  # normalised reads unchanged; the air compresses
         # in place only on a copy: a case stored as decoded (no reorientation, no resampling) is the decoded array,
         # which the archive writer may not have encoded yet
         stored = floor_below_ct_foreground(stored, in_place=not np.may_share_memory(stored, pixels))
     stored_mask = None if mask is None else to_stored(mask[:1], geometry, "labels")
     raw = record.modality if record.modality in deferred else None
-    result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config, raw))
+    result.digests.update(write_case(root, index, stored, stored_mask, geometry, record.id, store_config, raw,
+                                     CT_FOREGROUND_HU if floored else None))
     if mask is not None and stored_mask is not None:
         result.mask_checks.append(mask_check(record.id, foreground_amounts(mask, record.spacing),
                                              foreground_amounts(stored_mask, geometry.spacing), "ml"))

@@ -41,8 +41,14 @@ def warm_page_cache(path: str | Path) -> int:
     return total
 
 
-def best_time(repeats: int, run: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
-    """The shortest wall time of `repeats` calls of `run` (at least one), each after an untimed `setup()`."""
+def best_time(repeats: int, run: Callable[[], object], setup: Callable[[], object] | None = None,
+              warmup: bool = False) -> float:
+    """The shortest wall time of `repeats` calls of `run` (at least one), each after an untimed `setup()`; with
+    `warmup`, one untimed call first (imports and first calls are paid once by a long-lived process)."""
+    if warmup:
+        if setup is not None:
+            setup()
+        run()
     times = []
     for _ in range(max(1, repeats)):
         if setup is not None:

@@ -3,14 +3,13 @@ keeps a mask's foreground volume for anisotropic spacing, and the exact way back
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import zarr
 
 from medpipe.config import StoreConfig
 from medpipe.ingest.mask_check import foreground_amounts
-from medpipe.volumes import (LPS_TO_RAS, nifti_image, open_case, plan_geometry, ras_affine, reorient, resample,
+from medpipe.volumes import (LPS_TO_RAS, nifti_image, open_case, plan_geometry, ras_affine, resample,
                              to_source, to_stored, volume_chunks, write_case)
 
 

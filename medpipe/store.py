@@ -237,12 +237,14 @@ def _digest_order(key: str) -> tuple[str, int, str]:
     return name, int(index), "/".join(rest)
 
 
-def content_hash(root: zarr.Group, extra: Iterable[str] = (), digests: Mapping[str, str] | None = None) -> str:
+def content_hash(root: zarr.Group, extra: Iterable[str] = (), digests: Mapping[str, str] | None = None,
+                 table: Mapping[str, np.ndarray] | None = None) -> str:
     """sha256 over the training arrays (each stored sample's digest, in order), the sample table, archive checksums
     and `extra` strings.
 
     `digests` are the per-sample digests the writing tasks reported (so a finished run never reads back what it
     just wrote); when absent or not covering every sample they are computed from the arrays (verification).
+    `table`: the per-sample table as written (else it is read from samples/).
     Depends only on data (not on timestamps, chunk write order or metadata formatting), so a rerun or a resumed
     run yields the same hash, and any change of data changes it.
     """
@@ -258,8 +260,9 @@ def content_hash(root: zarr.Group, extra: Iterable[str] = (), digests: Mapping[s
             digests = stored_digests(root)
         for key in sorted(digests, key=_digest_order):
             h.update(f"{key}:{digests[key]}".encode())
-    if "samples" in root:
-        for name, values in read_sample_table(root).items():
+    if table is not None or "samples" in root:
+        columns = read_sample_table(root) if table is None else {name: np.asarray(table[name]) for name in sorted(table)}
+        for name, values in columns.items():
             h.update(name.encode())
             h.update("\x1f".join(map(str, values.ravel().tolist())).encode())
     for item in extra:

@@ -14,6 +14,7 @@ import pytest
 from medpipe.config import IngestConfig, PreprocessConfig, StoreConfig
 from medpipe.deid import resolve_key
 from medpipe.ingest import archive as archive_module
+from medpipe import store as store_module
 from medpipe.ingest import pipeline
 from medpipe.ingest.finalize import verify_store
 from medpipe.ingest.pipeline import PackingConfigError
@@ -78,8 +79,9 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
                                                       monkeypatch):
     source = str(demo_source[0] if name == "2d" else ct_source)
     config = CONFIGS[name]
-    calls = {"read_unit": 0, "read_archive_image": 0}
-    read_unit, read_back = archive_module.read_unit, archive_module.read_archive_image
+    calls = {"read_unit": 0, "read_archive_image": 0, "read_sample_table": 0}
+    read_unit, read_back, read_table = (archive_module.read_unit, archive_module.read_archive_image,
+                                        store_module.read_sample_table)
 
     def counting_read_unit(*args, **kwargs):
         calls["read_unit"] += 1
@@ -89,13 +91,19 @@ def test_fused_samples_equal_samples_from_the_archive(name, demo_source, ct_sour
         calls["read_archive_image"] += 1
         return read_back(*args, **kwargs)
 
+    def counting_read_table(*args, **kwargs):
+        calls["read_sample_table"] += 1
+        return read_table(*args, **kwargs)
+
     monkeypatch.setattr(archive_module, "read_unit", counting_read_unit)
+    monkeypatch.setattr(store_module, "read_sample_table", counting_read_table)
     monkeypatch.setattr(archive_module, "read_archive_image", counting_read_back)
     fused = _ingest(source, str(tmp_path / "fused.zarr"), config)
     units = len(read_json(str(tmp_path / "fused.zarr"), "reports/units.json"))
     # each unit decoded once (units that fail to decode are quarantined and not in units.json), never read back
     assert units <= calls["read_unit"] <= units + fused["counts"]["quarantined"]
     assert calls["read_archive_image"] == 0
+    assert calls["read_sample_table"] == 0  # the content hash takes the table it was written from, from memory
     assert fused["samples"] > 0
     # the content hash was made from the digests the tasks reported; recomputed from the data it agrees
     assert verify_store(str(tmp_path / "fused.zarr")) == []

@@ -7,7 +7,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -117,16 +117,19 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def exclude_failed_samples(store_url: str, failures: list[dict[str, Any]]) -> None:
-    """Samples whose preprocessing failed: split -1 in the sample table, so no loader ever reads them."""
+def exclude_failed_samples(store_url: str, failures: list[dict[str, Any]],
+                           table: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
+    """Samples whose preprocessing failed: split -1 in the sample table, so no loader ever reads them. `table`: the
+    table as written (its split column is used instead of reading it back); returns it as it now is (None without)."""
     if not failures:
-        return
+        return None if table is None else dict(table)
     root = open_store(store_url, mode="a")
     split = get_array(root, "samples/split")
-    values = np.asarray(split[...])
+    values = np.array(table["split"]) if table is not None else np.asarray(split[...])
     for failure in failures:
         values[int(failure["index"])] = -1
     split[...] = values
+    return None if table is None else {**table, "split": values}
 
 
 def verify_store(store_url: str) -> list[str]:
@@ -176,7 +179,7 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
                    digests: dict[str, str] | None = None) -> dict[str, Any]:
     """Write reports and root attributes; drop archive units not in this run; returns the summary. `digests`: the
     stored samples' digests the writing tasks reported (the content hash then reads no sample back)."""
-    exclude_failed_samples(store_url, assemble_failures)
+    table = exclude_failed_samples(store_url, assemble_failures, layout.table)
     excluded = layout.excluded + [{"unit": f["unit"], "reason": f["reason"]} for f in assemble_failures
                                   if not f.get("quarantined")]
     root = open_store(store_url, mode="a")
@@ -233,7 +236,7 @@ def finalize_store(store_url: str, *, records: list[ArchiveRecord], accounting: 
         "archive_images": len(records),
         "run_fingerprint": run_fingerprint,
         "key_check": key_check,
-        "content_hash": content_hash(root, content_extras(records, quarantine_public, classes), digests),
+        "content_hash": content_hash(root, content_extras(records, quarantine_public, classes), digests, table),
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
     }

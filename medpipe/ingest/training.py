@@ -49,12 +49,15 @@ class TrainingLayout:
     offset: int = 0  # index of unit_ids[0] in the training arrays (non-zero for a range's slice)
     split_codes: list[int] = field(default_factory=list)  # planned before archive: split code per row
     deferred: tuple[str, ...] = ()  # modalities whose samples wait for the dataset's statistics (CT in HU)
+    # the per-sample table as written (driver only, never sent to a task): the content hash takes it from here
+    # instead of reading back what was just written
+    table: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def for_range(self, start: int, stop: int) -> "TrainingLayout":
         """A copy that carries only the unit ids of [start, stop): what one assembling task needs to be sent."""
         return replace(self, unit_ids=self.unit_ids[start - self.offset : stop - self.offset],
                        modalities=self.modalities[start - self.offset : stop - self.offset],
-                       excluded=[], split_codes=[], warnings=[], offset=start)
+                       excluded=[], split_codes=[], warnings=[], offset=start, table=None)
 
     @property
     def volumes(self) -> bool:
@@ -106,7 +109,7 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
     splits = np.array([split_of[p] for p in patients], dtype=np.int8)
     extra = {} if plan is None else {"volume_shape": np.array(
         [case_geometry(r, plan.target_spacing).shape for r in chosen], dtype=np.int64).reshape(n, 3)}
-    write_sample_table(root, {**extra,
+    table = {**extra,
         "patient": np.array(patients, dtype=object), "study": np.array([r.study for r in chosen], dtype=object),
         "series": np.array([r.series for r in chosen], dtype=object),
         "unit": np.array([r.id for r in chosen], dtype=object),
@@ -116,7 +119,8 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
         "has_mask": np.array([r.has_mask for r in chosen], dtype=bool),
         "spacing": np.array([r.spacing for r in chosen], dtype=np.float64).reshape(n, 3),
         "shape": np.array([r.shape for r in chosen], dtype=np.int64).reshape(n, 4),
-    })
+    }
+    write_sample_table(root, table)
     modalities = {r.modality for r in chosen}
     return TrainingLayout(
         unit_ids=[r.id for r in chosen], modalities=[r.modality for r in chosen],
@@ -129,7 +133,7 @@ def layout_training(store_url: str, records: list[ArchiveRecord], classes: list[
         plan=None if plan is None else plan.to_dict(),
         splits={name: int((splits == code).sum()) for code, name in enumerate(SPLIT_NAMES)},
         split_patients={name: sum(1 for c in split_of.values() if c == code) for code, name in enumerate(SPLIT_NAMES)},
-        warnings=split_warnings(split_of, strata, config.split, classes),
+        warnings=split_warnings(split_of, strata, config.split, classes), table=table,
     )
 
 
@@ -241,7 +245,7 @@ def finish_training(store_url: str, layout: TrainingLayout, records: list[Archiv
         extra = {"volume_shape": np.array([case_geometry(r, target).shape if r is not None else (0, 0, 0)
                                            for r in chosen], dtype=np.int64).reshape(n, 3)}
     root = open_store(store_url, mode="a")
-    write_sample_table(root, {**extra,
+    table = {**extra,
         "patient": np.array([_unit_field(r, "patient") for r in chosen], dtype=object),
         "study": np.array([_unit_field(r, "study") for r in chosen], dtype=object),
         "series": np.array([_unit_field(r, "series") for r in chosen], dtype=object),
@@ -254,8 +258,9 @@ def finish_training(store_url: str, layout: TrainingLayout, records: list[Archiv
         "spacing": np.array([r.spacing if r is not None else (0.0, 0.0, 0.0) for r in chosen],
                             dtype=np.float64).reshape(n, 3),
         "shape": np.array([r.shape if r is not None else (0, 0, 0, 0) for r in chosen], dtype=np.int64).reshape(n, 4),
-    })
-    final = replace(layout, excluded=excluded, normalization=normalization,
+    }
+    write_sample_table(root, table)
+    final = replace(layout, excluded=excluded, normalization=normalization, table=table,
                     sample_shape=layout.sample_shape if plan is None else (config.channels, *plan.patch_size),
                     modalities=[r.modality if r is not None else m for r, m in zip(chosen, layout.modalities)],
                     plan=None if plan is None else plan.to_dict())

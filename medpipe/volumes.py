@@ -19,7 +19,7 @@ Layout (docs/store.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -29,6 +29,9 @@ import zarr
 from medpipe.config import StoreConfig
 from medpipe.codecs import codec_chain
 from medpipe.store import ATTRS_KEY, attrs_of, get_array, get_group, sample_digest
+
+if TYPE_CHECKING:
+    from medpipe.training.chunk_reader import RegionArray
 
 CANONICAL = "RAS"
 VOLUMES = "training/volumes"
@@ -256,7 +259,7 @@ class NormalizedVolume:
     dataset's statistics: elementwise, so any region reads as the slice of the normalised whole). Reads like the
     zarr array it wraps: `shape`, `ndim`, `chunks`, `dtype` (float32), `fill_value`, `[selection]`."""
 
-    array: zarr.Array
+    array: zarr.Array | RegionArray  # or the same array read chunk by chunk (3D patches)
     modality: str
     norm: Mapping[str, Any]
 

@@ -82,6 +82,45 @@ def test_chunk_reader_reads_chunks_as_zarr_does(stored, tmp_path):
     assert np.array_equal(r.decode(blob), values[:, 4:8, 0:4, 4:8])
 
 
+@pytest.mark.parametrize("where", ["group", "root", "memory"])
+def test_regions_read_chunk_by_chunk_equal_zarr_slicing(where, tmp_path):
+    """RegionArray (3D patches) against zarr's own slicing: random regions of a sharded Blosc volume whose edges
+    are not whole chunks, with unwritten chunks (fill value), ints among the selection, regions past the edge;
+    also an array at the root of its store (its chunk keys have no path prefix: read as fill values before)."""
+    from zarr.storage import MemoryStore
+
+    from medpipe.training.chunk_reader import RegionArray
+
+    kwargs = dict(shape=(2, 37, 45, 50), dtype="float32", chunks=(1, 8, 16, 16), shards=(1, 16, 32, 32),
+                  compressors=zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), fill_value=-3.0)
+    if where == "group":
+        arr = zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array("volumes/0/image", **kwargs)
+    else:
+        arr = zarr.create_array(MemoryStore() if where == "memory" else str(tmp_path / "root.zarr"), **kwargs)
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=arr.shape).astype(np.float32)
+    arr[:, :30] = values[:, :30]  # z >= 32 is never written: fill value
+    region = RegionArray(arr)
+    assert region.reader.decodable and region.shape == arr.shape and region.fill_value == -3.0
+    for _ in range(60):
+        lo = [int(rng.integers(0, n)) for n in arr.shape[1:]]
+        hi = [int(rng.integers(a + 1, n + 4)) for a, n in zip(lo, arr.shape[1:])]
+        selection = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
+        assert np.array_equal(region[selection], np.asarray(arr[selection]))
+    for selection in ((1, 5, slice(3, 40)), (slice(0, 1), -1), (0,), (slice(None), slice(10, 10))):
+        got, want = region[selection], np.asarray(arr[selection])
+        assert got.shape == want.shape and np.array_equal(got, want), selection
+    assert np.array_equal(region[0, ::2, 0, 0], np.asarray(arr[0, ::2, 0, 0]))  # a step: zarr's own selection
+    # raw CT normalised as read (NormalizedVolume): the same values through the chunk reader
+    from medpipe.training.patches import chunk_regions
+    from medpipe.volumes import NormalizedVolume
+
+    raw = NormalizedVolume(arr, "CT", {"p00_5": -1.0, "p99_5": 1.5, "mean": 0.2, "std": 0.7})
+    fast = chunk_regions(raw)
+    assert isinstance(fast.array, RegionArray) and chunk_regions(fast) is fast
+    assert np.array_equal(fast[:, 3:33, 40:45, 1:50], raw[:, 3:33, 40:45, 1:50])
+
+
 def test_batches_are_the_stored_samples_in_sampler_order(stored):
     url, images, labels, _ = stored
     ds = ZarrImageDataset(url, "train", cache="none", chunk_cache_bytes=3 * 8 * 16 * 16 * 4)  # evicts, recycles

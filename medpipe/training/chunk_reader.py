@@ -19,6 +19,7 @@ results, when chunks do not span the other axes or the layout is not decodable.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +175,8 @@ class ChunkReader:
 
     # -- raw bytes ------------------------------------------------------------------------------------------------
     def _key(self, outer: tuple[int, ...]) -> str:
-        return f"{self.array.store_path.path}/{self.array.metadata.encode_chunk_key(outer)}"
+        """The store key of a chunk (or shard); an array at the store's root has no path prefix."""
+        return "/".join(p for p in (self.array.store_path.path, self.array.metadata.encode_chunk_key(outer)) if p)
 
     def _mapped(self, key: str) -> np.ndarray | None:
         """A local store file's bytes, memory-mapped (read straight from the page cache, no copy); None if absent."""
@@ -295,6 +297,43 @@ class ChunkReader:
             return np.divide(packed, self.layout.dtype.type(self.layout.unpack_divisor), out=out, dtype=out.dtype)
         return np.take(unpack, packed, out=out)
 
+    def read_region(self, selection: Any) -> np.ndarray:
+        """`array[selection]` for a selection of ints and unit-step slices (one per leading axis; the rest whole),
+        made from the chunks it overlaps, each decoded in turn into a reused buffer and copied into place: no zarr
+        selection machinery, the same values. Other selections, and layouts this module does not decode, go
+        through zarr slicing."""
+        entries = selection if isinstance(selection, tuple) else (selection,)
+        if not self.decodable or len(entries) > len(self.shape):
+            return np.asarray(self.array[selection])
+        bounds: list[tuple[int, int]] = []
+        squeezed: list[int] = []
+        for axis, n in enumerate(self.shape):
+            entry = entries[axis] if axis < len(entries) else slice(None)
+            if isinstance(entry, (int, np.integer)) and -n <= int(entry) < n:
+                i = int(entry) % n
+                bounds.append((i, i + 1))
+                squeezed.append(axis)
+            elif isinstance(entry, slice) and entry.step in (None, 1):
+                a, b, _ = entry.indices(n)
+                bounds.append((a, max(a, b)))
+            else:  # steps, arrays, out-of-range ints: zarr's own selection (and its errors)
+                return np.asarray(self.array[selection])
+        out = np.empty([b - a for a, b in bounds], self.layout.dtype)
+        if out.size:
+            chunk = self.layout.chunk_shape
+            spans = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, chunk)]
+            coords = list(itertools.product(*spans))
+            for coord, blob in zip(coords, self.fetch_chunks(coords)):
+                block = self.decode(blob)
+                src, dst = [], []
+                for k, (a, b), c in zip(coord, bounds, chunk):
+                    lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                    src.append(slice(lo - k * c, hi - k * c))
+                    dst.append(slice(lo - a, hi - a))
+                out[tuple(dst)] = block[tuple(src)]
+                self.recycle(block)
+        return out.reshape([n for axis, n in enumerate(out.shape) if axis not in squeezed]) if squeezed else out
+
     def read(self, chunk_ids: list[int]) -> list[np.ndarray]:
         """Decoded row chunks along axis 0, full chunk shape (rows past the array's end hold padding; through zarr
         slicing, when not `direct`, the last chunk is short instead)."""
@@ -302,3 +341,21 @@ class ChunkReader:
             c = self.layout.chunk_len
             return [np.asarray(self.array[cid * c : (cid + 1) * c]) for cid in chunk_ids]
         return [self.decode(blob) for blob in self.fetch(chunk_ids)]
+
+
+class RegionArray:
+    """A zarr array whose `[selection]` reads through a `ChunkReader` (`read_region`): the chunks a region overlaps,
+    decoded at the codec's speed. Reads like the array: `shape`, `ndim`, `dtype`, `chunks`, `fill_value`,
+    `[selection]`. Not picklable (it holds a reader): make one per process."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.reader = ChunkReader(array)
+        self.shape = tuple(int(s) for s in array.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.fill_value = array.fill_value
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self.reader.read_region(selection)

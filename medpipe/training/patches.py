@@ -22,7 +22,10 @@ Rules (see the functions for details):
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
@@ -31,6 +34,9 @@ import torch
 import zarr
 from monai.data import set_track_meta
 from torch.utils.data import Dataset
+
+from medpipe.training.chunk_reader import RegionArray
+from medpipe.volumes import NormalizedVolume
 
 set_track_meta(False)  # plain tensors out of MONAI transforms (as medpipe.training.data): MetaTensor costs ~3x here
 
@@ -201,6 +207,19 @@ def patch_augmentation(keys: Sequence[str] = ("image", "mask"), flips: bool = Tr
     return Compose(steps)
 
 
+REGION_READERS = 32  # cases whose chunk readers a process keeps (each holds memory maps of its shard files)
+
+
+def chunk_regions(array: Any) -> Any:
+    """`array` with its regions read through a ChunkReader (`RegionArray`: ~2x faster than zarr slicing for a
+    patch) when it is a zarr array or a NormalizedVolume of one; anything else as it is."""
+    if isinstance(array, zarr.Array):
+        return RegionArray(array)
+    if isinstance(array, NormalizedVolume) and isinstance(array.array, zarr.Array):
+        return dataclasses.replace(array, array=RegionArray(array.array))
+    return array
+
+
 class PatchDataset(Dataset):
     """Random patches of per-case volumes: item i is {"image" float32 (C, *patch), "mask" uint8 (1, *patch),
     "case" int, "origin" int64 (3,)}; `samples_per_epoch` items per epoch.
@@ -214,6 +233,8 @@ class PatchDataset(Dataset):
 
     Worker-safe: zarr 3 arrays pickle as their store (path/URL and options) plus metadata, not as open handles or
     data (a MemoryStore, for tests, pickles its contents); each spawned worker reads through its own copy.
+    Patches are read chunk by chunk (`chunk_regions`), through readers each process makes for the cases it reads
+    (at most REGION_READERS kept).
     `transform` (MONAI dictionary transforms, e.g. `patch_augmentation()`) sees torch tensors "image" and "mask";
     seed its randomness per worker (medpipe.training.data.seed_worker).
     """
@@ -269,6 +290,27 @@ class PatchDataset(Dataset):
             self.foreground = [np.zeros((0, 3), np.int64) if f is None else np.asarray(f, np.int64).reshape(-1, 3)
                                for f in foreground]
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_regions", None)  # readers hold store handles: each process makes its own
+        return state
+
+    def _region_source(self, kind: str, case: int) -> Any:
+        """This process's region reader of case `case`'s image or mask (`kind`), kept in a small LRU."""
+        regions: OrderedDict[tuple[str, int], Any] | None = getattr(self, "_regions", None)
+        if regions is None or getattr(self, "_regions_pid", None) != os.getpid():
+            regions = OrderedDict()
+            self._regions, self._regions_pid = regions, os.getpid()
+        key = (kind, case)
+        source = regions.get(key)
+        if source is None:
+            source = regions[key] = chunk_regions((self.images if kind == "image" else self.masks)[case])
+            while len(regions) > REGION_READERS:
+                regions.popitem(last=False)
+        else:
+            regions.move_to_end(key)
+        return source
+
     def set_epoch(self, epoch: int) -> None:
         """Draw a different set of patches for `epoch` (items depend on seed, epoch and index only)."""
         self.epoch = int(epoch)
@@ -293,8 +335,8 @@ class PatchDataset(Dataset):
         if not 0 <= int(index) < self.samples_per_epoch:
             raise IndexError(index)
         case, origin = self.draw(int(index))
-        image = read_patch(self.images[case], origin, self.patch, pad=self.image_pad)
-        mask = read_patch(self.masks[case], origin, self.patch, pad=self.mask_pad)
+        image = read_patch(self._region_source("image", case), origin, self.patch, pad=self.image_pad)
+        mask = read_patch(self._region_source("mask", case), origin, self.patch, pad=self.mask_pad)
         if mask.ndim == 3:
             mask = mask[None]
         sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

@@ -148,7 +148,8 @@ def read_patch(
     leading: tuple[int | slice, ...] = (),
     pad: Pad = "fill",
 ) -> np.ndarray:
-    """The region [origin, origin + patch) of the last len(patch) axes of `array`, read with one zarr slice.
+    """The region [origin, origin + patch) of the last len(patch) axes of `array`, read with one slice of it (a zarr
+    array, or a `RegionArray` of one: PatchDataset's chunk-by-chunk reads).
 
     `leading` selects along the axes before them (e.g. `(3,)` for case 3 of a stacked (N, C, Z, Y, X) array;
     default: all of them, e.g. all channels of a (C, Z, Y, X) case). Only the chunks the region overlaps are read

@@ -82,11 +82,12 @@ def test_chunk_reader_reads_chunks_as_zarr_does(stored, tmp_path):
     assert np.array_equal(r.decode(blob), values[:, 4:8, 0:4, 4:8])
 
 
-@pytest.mark.parametrize("where", ["group", "root", "memory"])
-def test_regions_read_chunk_by_chunk_equal_zarr_slicing(where, tmp_path):
+@pytest.mark.parametrize("where", ["group", "root", "memory", "s3"])
+def test_regions_read_chunk_by_chunk_equal_zarr_slicing(where, tmp_path, request):
     """RegionArray (3D patches) against zarr's own slicing: random regions of a sharded Blosc volume whose edges
     are not whole chunks, with unwritten chunks (fill value), ints among the selection, regions past the edge;
-    also an array at the root of its store (its chunk keys have no path prefix: read as fill values before)."""
+    also an array at the root of its store (its chunk keys have no path prefix: read as fill values before) and
+    one on a real S3 endpoint (moto server: ranged requests for the shard index and each chunk)."""
     from zarr.storage import MemoryStore
 
     from medpipe.training.chunk_reader import RegionArray
@@ -95,6 +96,14 @@ def test_regions_read_chunk_by_chunk_equal_zarr_slicing(where, tmp_path):
                   compressors=zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), fill_value=-3.0)
     if where == "group":
         arr = zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array("volumes/0/image", **kwargs)
+    elif where == "s3":
+        import s3fs
+
+        endpoint = request.getfixturevalue("moto_s3")
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("medpipe-regions")
+        opts = {"client_kwargs": {"endpoint_url": endpoint}}
+        arr = zarr.open_group("s3://medpipe-regions/g.zarr", mode="w", storage_options=opts).create_array(
+            "volumes/0/image", **kwargs)
     else:
         arr = zarr.create_array(MemoryStore() if where == "memory" else str(tmp_path / "root.zarr"), **kwargs)
     rng = np.random.default_rng(3)

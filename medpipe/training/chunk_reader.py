@@ -12,7 +12,7 @@ byte order) + optional blosc or zstd, or medpipe's JPEG-LS (3D CT volumes with `
 optionally after a FixedScaleOffset packing to 8/16-bit integers (training_dtype uint8: unpacked per chunk by a
 division checked equal to numcodecs' own decode, else a lookup table of it, so values equal zarr's).
 `fetch_chunks`/`decode` work on any chunk coordinates; `read_region` (and `RegionArray`, which reads like the
-array) makes any box of the array from the chunks it overlaps: 3D patches, ~1.7x faster than a zarr slice;
+array) makes any box of the array from the chunks it overlaps: 3D patches, ~1.6x faster than a zarr slice;
 `read(chunk_ids)` reads row chunks along axis 0 and falls back to zarr slicing, chunk by chunk with the same
 results, when chunks do not span the other axes or the layout is not decodable.
 """
